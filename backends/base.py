@@ -1,0 +1,240 @@
+"""The backend interface: the device ops the MiniMax-M2 graph calls, the capabilities a backend declares,
+and a registry by name.
+
+The graph in moerun.runtime never knows which device it runs on. Everything that differs between devices
+(kernels, cache layout, weight layout, FP8 execution) sits behind `Backend`. A backend only knows the model
+through `ModelSpec` and the weight containers below. Every op here has a pure-PyTorch reference in
+backends/cpu, and every other backend's op is tested against it.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+from typing import Any, ClassVar
+
+import torch
+
+from moerun.runtime.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    dtypes: tuple[torch.dtype, ...]
+    kv_block_sizes: tuple[int, ...]  # the first one is the default
+    fp8_weights: bool  # True: the backend executes FP8 block-quantized weights itself (no dequant at load)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a backend may know of the model: the dimensions its kernels care about."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    vocab_size: int
+    dtype: torch.dtype
+    kv_block_size: int
+    fp8_block: tuple[int, int] | None  # weight block of an FP8 checkpoint, None for a float checkpoint
+
+
+@dataclasses.dataclass
+class LinearWeight:
+    """A [out, in] weight: float in the model dtype, or FP8 e4m3 with one fp32 scale per block."""
+
+    weight: torch.Tensor
+    scale_inv: torch.Tensor | None = None  # [ceil(out/bn), ceil(in/bk)], multiplied in (DeepSeek-V3 convention)
+    block: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass
+class ExpertWeights:
+    """All experts of one MoE layer, stacked. w13 holds gate_proj (w1) rows first, then up_proj (w3) rows."""
+
+    w13: torch.Tensor  # [E, 2I, H]
+    w2: torch.Tensor  # [E, H, I]
+    w13_scale_inv: torch.Tensor | None = None  # [E, ceil(2I/bn), ceil(H/bk)] for FP8
+    w2_scale_inv: torch.Tensor | None = None  # [E, ceil(H/bn), ceil(I/bk)]
+    block: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    """One forward step over a packed batch of sequences (prefill, decode, or a mix).
+
+    Query tokens of all sequences are packed along one axis T. Sequence b owns query rows
+    query_start_loc[b]:query_start_loc[b+1]; these are its last q_len tokens, so its
+    tokens sit at positions seq_lens[b]-q_len .. seq_lens[b]-1 and attend causally to the cached prefix.
+    """
+
+    query_start_loc: torch.Tensor  # int32 [B+1], on the device
+    seq_lens: torch.Tensor  # int32 [B]: KV length of each sequence once this step's tokens are written
+    block_tables: torch.Tensor  # int32 [B, max_blocks]: cache block ids, padded with 0 past the end
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot (block * block_size + offset) of each query token
+    query_lens_host: list[int]  # host copies, for kernels that take lengths as lists
+    seq_lens_host: list[int]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_host)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_host)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds exactly one token: the paged-decode kernels apply."""
+        return self.max_query_len == 1
+
+
+class Backend(abc.ABC):
+    """One device's implementation of the graph's ops. Subclasses set `name` and `capabilities`."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    # YAML options of this backend's own section, with their defaults; `validate_options` checks against them.
+    default_options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, options: dict[str, Any], dtype: torch.dtype) -> None:
+        self.options = options
+        self.dtype = dtype
+
+    # ---- setup -------------------------------------------------------------------------------------------------
+    @classmethod
+    def validate_options(cls, options: dict[str, Any] | None, key_path: str) -> dict[str, Any]:
+        """Check the backend's YAML section; return it with defaults filled. Errors name the key path."""
+        options = dict(options or {})
+        for key, value in options.items():
+            if key not in cls.default_options:
+                allowed = ", ".join(sorted(cls.default_options)) or "none"
+                raise ConfigError(f"{key_path}.{key}: unknown key (allowed: {allowed})")
+            default = cls.default_options[key]
+            if not _same_kind(value, default):
+                raise ConfigError(f"{key_path}.{key}: expected {type(default).__name__}, got {value!r}")
+        return {**cls.default_options, **options}
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Where tensors for this backend live."""
+
+    def check_model(self, spec: ModelSpec) -> None:
+        """Raise UnsupportedModelError naming the limit when the kernels cannot run this model."""
+
+    def describe(self) -> str:
+        """One line for logs and the smoke table: backend, device, and anything an operator should know."""
+        return f"{self.name} on {self.device}"
+
+    # ---- weights -----------------------------------------------------------------------------------------------
+    def prepare_linear(self, w: LinearWeight) -> Any:
+        """Move a linear weight to the device in the layout `linear` expects."""
+        return w.weight.to(self.device)
+
+    def prepare_experts(self, w: ExpertWeights) -> Any:
+        """Move one layer's stacked experts to the device in the layout `experts` expects."""
+        return dataclasses.replace(w, w13=w.w13.to(self.device), w2=w.w2.to(self.device))
+
+    # ---- KV cache ----------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                          dtype: torch.dtype) -> Any:
+        """One layer's paged K and V cache, in this backend's layout (opaque to the graph)."""
+
+    @abc.abstractmethod
+    def write_kv(self, kv_cache: Any, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Store k, v [T, Hkv, D] of this step's tokens at meta.slot_mapping."""
+
+    # ---- ops ---------------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
+        """x [T, in] @ w^T -> [T, out], w as returned by prepare_linear."""
+
+    @abc.abstractmethod
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """weight * normalize(x) over the last dim, statistics in fp32."""
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(x + residual), x + residual): the pre-norm residual step; backends may fuse it."""
+        summed = x + residual
+        return self.rms_norm(summed, weight, eps), summed
+
+    @abc.abstractmethod
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """NeoX rotary on the first cos.shape[-1] dims of q [T, Hq, D] and k [T, Hkv, D]; the rest passes through.
+
+        cos, sin: [T, rotary_dim] in the model dtype, the frequencies repeated twice (cat(f, f))."""
+
+    @abc.abstractmethod
+    def attention(self, q: torch.Tensor, kv_cache: Any, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Causal GQA attention of q [T, Hq, D] over the paged cache (this step's K/V already written) -> [T, Hq, D]."""
+
+    @abc.abstractmethod
+    def route(self, router_logits: torch.Tensor, bias: torch.Tensor,
+              top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sigmoid top-k routing: select by sigmoid(logits) + bias, weigh by the unbiased scores, renormalized.
+
+        router_logits [T, E] fp32, bias [E] fp32 -> (weights fp32 [T, k], expert ids int32 [T, k])."""
+
+    @abc.abstractmethod
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: Any) -> torch.Tensor:
+        """sum_j weights[t, j] * SwiGLU_expert(ids[t, j])(x[t]) -> [T, H] in x's dtype."""
+
+    def moe(self, x: torch.Tensor, router_logits: torch.Tensor, bias: torch.Tensor, top_k: int,
+            experts: Any) -> torch.Tensor:
+        """The whole routed-expert block; a backend may fuse routing, dispatch, compute and combine."""
+        weights, ids = self.route(router_logits, bias, top_k)
+        return self.experts(x, weights, ids, experts)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timings)."""
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """YAML type check against the default: bools are not ints, ints are fine where floats are expected."""
+    if default is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+# name -> "module:Class", imported only when chosen, so that a CUDA or Ascend import never runs elsewhere.
+_REGISTRY: dict[str, str] = {
+    "cpu": "moerun.backends.cpu.backend:CpuBackend",
+    "cuda": "moerun.backends.cuda.backend:CudaBackend",
+    "ascend": "moerun.backends.ascend.backend:AscendBackend",
+}
+
+
+def register_backend(name: str, target: str) -> None:
+    """Add or replace a backend, given as "module:Class"."""
+    _REGISTRY[name] = target
+
+
+def backend_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backend_class(name: str) -> type[Backend]:
+    if name not in _REGISTRY:
+        raise ConfigError(f"backend: unknown backend {name!r} (allowed: {', '.join(backend_names())})")
+    module_name, class_name = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)

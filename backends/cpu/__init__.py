@@ -1,0 +1,1 @@
+"""The pure-PyTorch reference backend: the numerical oracle for every other backend's op tests."""

@@ -1,0 +1,57 @@
+"""The CPU backend: the reference ops of ops.py behind the Backend interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moerun.backends.base import AttentionMetadata, Backend, Capabilities
+from moerun.backends.cpu import ops
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    capabilities = Capabilities(
+        dtypes=(torch.float32, torch.bfloat16, torch.float16),
+        kv_block_sizes=(16, 32, 64, 128, 256),
+        fp8_weights=False,
+    )
+    default_options = {"threads": 0}  # 0: torch's default
+
+    def __init__(self, options: dict[str, Any], dtype: torch.dtype) -> None:
+        super().__init__(options, dtype)
+        if options.get("threads"):
+            torch.set_num_threads(options["threads"])
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def allocate_kv_cache(self, num_blocks, block_size, num_kv_heads, head_dim, dtype):
+        return ops.allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
+
+    def write_kv(self, kv_cache, k, v, meta: AttentionMetadata) -> None:
+        ops.write_kv(kv_cache, k, v, meta.slot_mapping)
+
+    def linear(self, x, w):
+        return F.linear(x, w)
+
+    def rms_norm(self, x, weight, eps):
+        return ops.rms_norm(x, weight, eps)
+
+    def rotary(self, q, k, cos, sin):
+        return ops.rotary(q, k, cos, sin)
+
+    def attention(self, q, kv_cache, meta: AttentionMetadata, scale):
+        starts = [0]
+        for n in meta.query_lens_host:
+            starts.append(starts[-1] + n)
+        return ops.attention(q, kv_cache, starts, meta.seq_lens_host, meta.block_tables, scale)
+
+    def route(self, router_logits, bias, top_k):
+        return ops.route(router_logits, bias, top_k)
+
+    def experts(self, x, weights, ids, experts):
+        return ops.experts(x, weights, ids, experts.w13, experts.w2)

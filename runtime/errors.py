@@ -1,0 +1,17 @@
+"""Errors meant for the person running moerun: the CLI prints them as one line and exits 2."""
+
+
+class MoerunError(Exception):
+    """A problem with the user's input or setup (config, checkpoint, arguments), not a bug in moerun."""
+
+
+class ConfigError(MoerunError):
+    """A YAML key, value or type that is not allowed. The message names the key path."""
+
+
+class CheckpointError(MoerunError):
+    """A checkpoint folder that is missing, of another model, truncated, or mis-shaped."""
+
+
+class UnsupportedModelError(MoerunError):
+    """A model the chosen backend's kernels cannot run; raised when the model is built, never mid-request."""
