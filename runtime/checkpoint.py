@@ -1,0 +1,88 @@
+"""Lazy, strict access to the tensors of an HF safetensors checkpoint folder.
+
+Only headers are read up front; tensors are read one at a time from the memory-mapped files, so a 230 GB
+checkpoint is never held in memory twice. Every problem names the tensor and the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from moerun.runtime.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class Checkpoint:
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: checkpoint folder not found")
+        self._files = self._shard_files()
+        self._handles: dict[Path, object] = {}
+        self.file_of: dict[str, Path] = {}
+        for path in self._files:
+            for name in self._open(path).keys():
+                if name in self.file_of:
+                    raise CheckpointError(f"{name}: stored twice, in {self.file_of[name].name} and {path.name}")
+                self.file_of[name] = path
+        self._check_index()
+
+    def _shard_files(self) -> list[Path]:
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            try:
+                self.weight_map: dict[str, str] | None = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted({self.folder / f for f in self.weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{f}: listed in {INDEX_FILE} but missing")
+            return files
+        self.weight_map = None
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.folder}: no *.safetensors files")
+        return files
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+                raise CheckpointError(f"{path}: not a readable safetensors file ({_short(e)})") from None
+        return self._handles[path]
+
+    def _check_index(self) -> None:
+        if self.weight_map is None:
+            return
+        for name, file in self.weight_map.items():
+            actual = self.file_of.get(name)
+            if actual is None or actual.name != file:
+                where = f"it is in {actual.name}" if actual else "it is in no file"
+                raise CheckpointError(f"{name}: {INDEX_FILE} says {file}, but {where}")
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._open(self.file_of[name]).get_slice(name).get_dtype()
+
+    def read(self, name: str) -> torch.Tensor:
+        path = self.file_of[name]
+        try:
+            return self._open(path).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{name}: cannot be read from {path.name} ({_short(e)})") from None
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

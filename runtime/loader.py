@@ -1,0 +1,194 @@
+"""Checkpoint -> ModelWeights on the backend's device.
+
+Strict: the checkpoint must hold exactly the tensors the config implies (layers beyond num_hidden_layers, the
+unpublished MTP modules, are ignored), each of the right shape and dtype; any difference is an error naming the
+tensor and the file. FP8 block weights are dequantized into the model dtype on the device unless the backend
+executes FP8 itself, in which case it receives the float8 weight and its block scales.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+
+from moerun.backends.base import Backend, ExpertWeights, LinearWeight
+from moerun.backends.cpu.ops import dequantize_fp8_block
+from moerun.runtime.checkpoint import Checkpoint
+from moerun.runtime.errors import CheckpointError
+from moerun.runtime.model_config import ModelConfig
+from moerun.runtime.shard_plan import ShardPlan
+from moerun.runtime.weights import LayerWeights, ModelWeights
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some exporters save; recomputed, never read
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}"
+
+
+def _linear_shapes(cfg: ModelConfig, num_layers: int) -> dict[str, tuple[int, int]]:
+    """Every linear module of the model and its [out, in] shape."""
+    h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    shapes = {"lm_head": (cfg.vocab_size, h)} if not cfg.tie_word_embeddings else {}
+    for i in range(num_layers):
+        p = layer_prefix(i)
+        shapes[f"{p}.self_attn.q_proj"] = (cfg.num_heads * d, h)
+        shapes[f"{p}.self_attn.k_proj"] = (cfg.num_kv_heads * d, h)
+        shapes[f"{p}.self_attn.v_proj"] = (cfg.num_kv_heads * d, h)
+        shapes[f"{p}.self_attn.o_proj"] = (h, cfg.num_heads * d)
+        shapes[f"{p}.block_sparse_moe.gate"] = (cfg.num_experts, h)
+        for e in range(cfg.num_experts):
+            shapes[f"{p}.block_sparse_moe.experts.{e}.w1"] = (inter, h)
+            shapes[f"{p}.block_sparse_moe.experts.{e}.w3"] = (inter, h)
+            shapes[f"{p}.block_sparse_moe.experts.{e}.w2"] = (h, inter)
+    return shapes
+
+
+def is_quantized(cfg: ModelConfig, module: str) -> bool:
+    """FP8 checkpoints quantize every linear except the modules_to_not_convert (gate and lm_head in M2)."""
+    if cfg.fp8_block is None:
+        return False
+    return not any(module == m or module.endswith("." + m) or f".{m}." in f".{module}." for m in cfg.fp8_modules_not_converted)
+
+
+def expected_tensors(cfg: ModelConfig, num_layers: int) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """name -> (shape, required safetensors dtype or None for 'any float')."""
+    h = cfg.hidden_size
+    out: dict[str, tuple[tuple[int, ...], str | None]] = {
+        "model.embed_tokens.weight": ((cfg.vocab_size, h), None),
+        "model.norm.weight": ((h,), None),
+    }
+    for i in range(num_layers):
+        p = layer_prefix(i)
+        out[f"{p}.input_layernorm.weight"] = ((h,), None)
+        out[f"{p}.post_attention_layernorm.weight"] = ((h,), None)
+        out[f"{p}.self_attn.q_norm.weight"] = ((cfg.num_heads * cfg.head_dim,), None)
+        out[f"{p}.self_attn.k_norm.weight"] = ((cfg.num_kv_heads * cfg.head_dim,), None)
+        out[f"{p}.block_sparse_moe.e_score_correction_bias"] = ((cfg.num_experts,), None)
+    for module, (rows, cols) in _linear_shapes(cfg, num_layers).items():
+        if is_quantized(cfg, module):
+            bn, bk = cfg.fp8_block
+            out[f"{module}.weight"] = ((rows, cols), "F8_E4M3")
+            out[f"{module}.weight_scale_inv"] = ((-(-rows // bn), -(-cols // bk)), "F32")
+        else:
+            out[f"{module}.weight"] = ((rows, cols), None)
+    return out
+
+
+def validate_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, num_layers: int) -> None:
+    expected = expected_tensors(cfg, num_layers)
+    problems = []
+    for name in sorted(ckpt.names()):
+        m = _LAYER.match(name)
+        skipped_layer = m is not None and int(m.group(1)) >= num_layers  # MTP layers, or beyond a smoke cut
+        if name not in expected and not skipped_layer and not _IGNORED.search(name):
+            problems.append(f"{name}: unexpected tensor in {ckpt.file_of[name].name}")
+    for name, (shape, dtype) in expected.items():
+        if name not in ckpt.file_of:
+            problems.append(f"{name}: missing from checkpoint {ckpt.folder}")
+            continue
+        file = ckpt.file_of[name].name
+        actual = ckpt.shape(name)
+        if actual != shape:
+            problems.append(f"{name}: shape {list(actual)} in {file}, expected {list(shape)} from config.json")
+        actual_dtype = ckpt.dtype(name)
+        if dtype is not None and actual_dtype != dtype:
+            problems.append(f"{name}: dtype {actual_dtype} in {file}, expected {dtype}")
+        if dtype is None and actual_dtype not in ("F32", "BF16", "F16"):
+            problems.append(f"{name}: dtype {actual_dtype} in {file}, expected a float (F32, BF16, F16)")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more)
+
+
+class WeightLoader:
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, backend: Backend, plan: ShardPlan | None = None) -> None:
+        self.ckpt, self.cfg, self.backend = ckpt, cfg, backend
+        self.plan = plan or ShardPlan()
+        self.device, self.dtype = backend.device, backend.dtype
+        # The backend runs FP8 itself, or we dequantize here.
+        self.keep_fp8 = cfg.fp8_block is not None and backend.capabilities.fp8_weights
+
+    def load(self, num_layers: int, progress: Callable[[int], None] | None = None) -> ModelWeights:
+        validate_checkpoint(self.ckpt, self.cfg, num_layers)
+        layers = []
+        for i in range(num_layers):
+            layers.append(self._layer(i))
+            if progress:
+                progress(i)
+        embed = self._dense("model.embed_tokens.weight")
+        lm_head = (self.backend.prepare_linear(LinearWeight(embed)) if self.cfg.tie_word_embeddings
+                   else self._linear("lm_head"))
+        return ModelWeights(embed=embed, layers=layers, norm=self._dense("model.norm.weight"), lm_head=lm_head)
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self.ckpt.read(name).to(self.device)
+
+    def _dense(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._read(name).to(dtype or self.dtype)
+
+    def _linear(self, module: str) -> object:
+        weight = self._read(f"{module}.weight")
+        if not is_quantized(self.cfg, module):
+            return self.backend.prepare_linear(LinearWeight(weight.to(self.dtype)))
+        scale = self._read(f"{module}.weight_scale_inv")
+        if self.keep_fp8:
+            return self.backend.prepare_linear(LinearWeight(weight, scale, self.cfg.fp8_block))
+        return self.backend.prepare_linear(LinearWeight(dequantize_fp8_block(weight, scale, self.cfg.fp8_block, self.dtype)))
+
+    def _layer(self, i: int) -> LayerWeights:
+        p = layer_prefix(i)
+        return LayerWeights(
+            input_norm=self._dense(f"{p}.input_layernorm.weight"),
+            q_proj=self._linear(f"{p}.self_attn.q_proj"),
+            k_proj=self._linear(f"{p}.self_attn.k_proj"),
+            v_proj=self._linear(f"{p}.self_attn.v_proj"),
+            o_proj=self._linear(f"{p}.self_attn.o_proj"),
+            q_norm=self._dense(f"{p}.self_attn.q_norm.weight"),
+            k_norm=self._dense(f"{p}.self_attn.k_norm.weight"),
+            post_attention_norm=self._dense(f"{p}.post_attention_layernorm.weight"),
+            # Router gate and correction bias stay fp32 whatever the model dtype (selection is knife-edge).
+            router=self._dense(f"{p}.block_sparse_moe.gate.weight", torch.float32),
+            router_bias=self._dense(f"{p}.block_sparse_moe.e_score_correction_bias", torch.float32),
+            experts=self._experts(p),
+        )
+
+    def _experts(self, p: str) -> object:
+        """Stack this rank's experts into [E, 2I, H] (w1 rows, then w3 rows) and [E, H, I], filled in place so
+        each expert's tensors are read once and never held twice."""
+        cfg = self.cfg
+        local = self.plan.local_experts(cfg.num_experts)
+        h, inter = cfg.hidden_size, cfg.intermediate_size
+        quantized = is_quantized(self.cfg, f"{p}.block_sparse_moe.experts.0.w1")
+        store = torch.float8_e4m3fn if (quantized and self.keep_fp8) else self.dtype
+        w13 = torch.empty(len(local), 2 * inter, h, dtype=store, device=self.device)
+        w2 = torch.empty(len(local), h, inter, dtype=store, device=self.device)
+        s13 = s2 = None
+        if quantized and self.keep_fp8:
+            bn, bk = cfg.fp8_block
+            if inter % bn:
+                # gate and up rows share the stacked [2I, H] tensor, so their scale blocks must not straddle.
+                raise CheckpointError(f"{p}: intermediate_size {inter} is not a multiple of the FP8 block {bn}")
+            s13 = torch.empty(len(local), 2 * inter // bn, -(-h // bk), dtype=torch.float32, device=self.device)
+            s2 = torch.empty(len(local), -(-h // bn), -(-inter // bk), dtype=torch.float32, device=self.device)
+        for slot, e in enumerate(local):
+            base = f"{p}.block_sparse_moe.experts.{e}"
+            for part, (dest, rows, scale_dest) in {"w1": (w13, slice(0, inter), s13),
+                                                   "w3": (w13, slice(inter, 2 * inter), s13),
+                                                   "w2": (w2, slice(None), s2)}.items():
+                module = f"{base}.{part}"
+                weight = self._read(f"{module}.weight")
+                if quantized:
+                    scale = self._read(f"{module}.weight_scale_inv")
+                    if self.keep_fp8:
+                        bn = cfg.fp8_block[0]
+                        srows = slice(rows.start // bn, rows.stop // bn) if rows.start is not None else slice(None)
+                        scale_dest[slot, srows] = scale
+                    else:
+                        weight = dequantize_fp8_block(weight, scale, cfg.fp8_block, self.dtype)
+                dest[slot, rows] = weight.to(store)
+        return self.backend.prepare_experts(ExpertWeights(w13=w13, w2=w2, w13_scale_inv=s13, w2_scale_inv=s2,
+                                                          block=cfg.fp8_block if self.keep_fp8 else None))
