@@ -36,6 +36,8 @@ class ModelConfig:
 
 
 def load_model_config(folder: Path) -> ModelConfig:
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found (model.path must be an HF checkpoint folder)")
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: no config.json (a Hugging Face checkpoint folder holds config.json and *.safetensors)")

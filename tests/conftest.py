@@ -1,0 +1,52 @@
+"""Shared fixtures: transformers-saved checkpoints (built once per session) and a YAML writer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (hf_checkpoints) import by name
+
+import hf_checkpoints  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """hf_checkpoint(shape_name, dtype, seed=0, max_shard_size=None) -> (folder, transformers model)."""
+    import torch
+
+    made = {}
+
+    def make(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0, max_shard_size: str | None = None):
+        key = (shape, dtype, seed, max_shard_size)
+        if key not in made:
+            model = hf_checkpoints.build_hf_model(hf_checkpoints.SHAPES[shape], seed=seed)
+            folder = tmp_path_factory.mktemp(f"{shape}_{str(dtype).split('.')[-1]}_{seed}")
+            hf_checkpoints.save_hf_checkpoint(model, folder, dtype, max_shard_size)
+            made[key] = (folder, model)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture
+def write_yaml(tmp_path):
+    """write_yaml(dict, name="run.yaml") -> path of a YAML file in this test's tmp folder."""
+
+    def write(data: dict, name: str = "run.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+def run_yaml(path, backend: str = "cpu", dtype: str = "float32", block_size: int | None = 16, **sections) -> dict:
+    data = {"backend": backend, "model": {"path": str(path), "dtype": dtype}, "kv_cache": {"num_blocks": 128}}
+    if block_size:
+        data["kv_cache"]["block_size"] = block_size
+    data.update(sections)
+    return data

@@ -1,0 +1,54 @@
+"""FP8 block checkpoints: dequantized at load, they must give the logits of their dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_yaml
+from fp8_checkpoints import make_fp8_pair
+from safetensors import safe_open
+
+from moerun.backends.cpu.ops import dequantize_fp8_block
+from moerun.runtime.engine import Engine
+from moerun.runtime.errors import CheckpointError
+
+TOKENS = [3, 9, 27, 81, 33, 99, 5, 1, 0, 210, 17]
+
+
+@pytest.mark.parametrize("block", [(16, 16), (24, 40)], ids=["aligned", "ragged_tail"])
+def test_fp8_checkpoint_matches_dequantized_reference(block, hf_checkpoint, write_yaml, tmp_path):
+    from transformers import MiniMaxM2ForCausalLM
+    from hf_checkpoints import hf_logits
+
+    folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)
+    make_fp8_pair(folder, tmp_path / "fp8", tmp_path / "ref", block)
+    ours = Engine.from_config(write_yaml(run_yaml(tmp_path / "fp8"))).logits(TOKENS)
+    # transformers on the dequantized float weights is the reference.
+    ref_model = MiniMaxM2ForCausalLM.from_pretrained(tmp_path / "ref", dtype=torch.float32)
+    ref = hf_logits(ref_model, TOKENS)
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_dequantize_matches_tilewise_numpy(tmp_path):
+    from fp8_checkpoints import dequantize_numpy, quantize_block
+
+    w = torch.randn(70, 50)
+    q, s = quantize_block(w, (32, 16))
+    assert torch.equal(dequantize_fp8_block(q, s, (32, 16), torch.float32), dequantize_numpy(q, s, (32, 16)))
+    # and a stacked [E, out, in] input dequantizes expert by expert
+    stacked = dequantize_fp8_block(torch.stack([q, q]), torch.stack([s, 2 * s]), (32, 16), torch.float32)
+    assert torch.equal(stacked[1], 2 * dequantize_numpy(q, s, (32, 16)))
+
+
+def test_fp8_checkpoint_missing_scale_names_tensor(hf_checkpoint, write_yaml, tmp_path):
+    from safetensors.torch import save_file
+
+    folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)
+    make_fp8_pair(folder, tmp_path / "fp8", tmp_path / "ref", (16, 16))
+    path = tmp_path / "fp8" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.1.self_attn.o_proj.weight_scale_inv"}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight_scale_inv: missing"):
+        Engine.from_config(write_yaml(run_yaml(tmp_path / "fp8")))
