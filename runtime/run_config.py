@@ -104,7 +104,7 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
         raise ConfigError(f"{source}: model.dtype: {dtype_name} is not supported by backend {backend} (allowed: {allowed})")
 
     # Every backend section present is validated by its backend, so a typo in a section not chosen today is
-    # still caught. Backend modules import without their hardware (torch_npu, triton load lazily).
+    # still caught. Backend modules import on any machine: their device libraries load only when used.
     options = {}
     for name in backend_names():
         if name in raw:
