@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from moerun.runtime.errors import MoerunError
-from moerun.runtime.parity import Thresholds, compare_logits
+from moerun.runtime.parity import Thresholds, compare_logits, compare_stages
 from moerun.runtime.run_config import RunConfig, load_run_config
 
 EXIT_BAD_INPUT = 2
@@ -149,7 +149,8 @@ def smoke(config, layers, steps):
 @click.option("--max-kl", type=float, default=Thresholds.max_kl, help="Max per-position KL (default: off).")
 @click.option("--min-top1", type=float, default=Thresholds.min_top1, show_default=True)
 @click.option("--min-top5", type=float, default=Thresholds.min_top5, show_default=True)
-def parity(configs, token_ids, prompts, max_abs_rel, mean_kl, max_kl, min_top1, min_top5):
+@click.option("--per-layer", is_flag=True, help="Also compare each layer's attention, router and MoE outputs.")
+def parity(configs, token_ids, prompts, max_abs_rel, mean_kl, max_kl, min_top1, min_top5, per_layer):
     """Run the same tokens through two configurations and compare next-token distributions. Exit 1 if beyond."""
     import torch
 
@@ -166,18 +167,50 @@ def parity(configs, token_ids, prompts, max_abs_rel, mean_kl, max_kl, min_top1, 
         if not lines:
             raise MoerunError(f"--prompts: {prompts} has no prompts")
         sequences = [ref.tokenizer.encode(ln) for ln in lines]
-    ref_logits = torch.cat([ref.logits(s) for s in sequences])
+    ref_stages, cand_stages = StageRecorder(), StageRecorder()
+    ref_logits = torch.cat([ref.logits(s, ref_stages if per_layer else None) for s in sequences])
+    route = stage_router(ref)
     del ref
     cand = load_engine(configs[1], label="loading candidate")
     if cand.config.vocab_size != ref_logits.shape[-1]:
         raise MoerunError(f"the two configs have different vocabularies ({ref_logits.shape[-1]} vs {cand.config.vocab_size})")
-    cand_logits = torch.cat([cand.logits(s) for s in sequences])
+    cand_logits = torch.cat([cand.logits(s, cand_stages if per_layer else None) for s in sequences])
     report = compare_logits(ref_logits, cand_logits, t)
     click.echo(f"A = {configs[0]}\nB = {configs[1]}")
+    if per_layer:
+        common = {k: v for k, v in ref_stages.tensors().items() if k in cand_stages.stages}
+        diffs = compare_stages(common, {k: cand_stages.tensors()[k] for k in common}, route)
+        print_table(["stage", "max |A-B| / max|A|", "cosine", "expert agreement"],
+                    [[d.name, f"{d.max_abs_rel:.3e}", f"{d.cosine:.6f}",
+                      "" if d.expert_agreement is None else f"{d.expert_agreement:.4f}"] for d in diffs])
+        click.echo()
     print_table(["metric", "value", "threshold"], [list(r) for r in report.rows(t)])
     click.echo("PASS" if report.passed else "FAIL: " + "; ".join(report.failures))
     if not report.passed:
         sys.exit(1)
+
+
+class StageRecorder:
+    """The `observe` hook of the graph: keeps each stage's tensors (on the CPU, fp32), per sequence."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, list] = {}
+
+    def __call__(self, name, tensor) -> None:
+        self.stages.setdefault(name, []).append(tensor.detach().float().cpu())
+
+    def tensors(self) -> dict:
+        import torch
+
+        return {k: torch.cat(v) for k, v in self.stages.items()}
+
+
+def stage_router(engine):
+    """Expert choices from recorded router logits, with the reference checkpoint's correction bias and top-k."""
+    from moerun.backends.cpu.ops import route
+
+    biases = {f"layer{i}.router_logits": layer.router_bias.cpu() for i, layer in enumerate(engine.model.weights.layers)}
+    return lambda name, logits: route(logits, biases[name], engine.config.top_k)[1]
 
 
 def _register_optional_commands() -> None:

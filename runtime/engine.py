@@ -73,11 +73,12 @@ class Engine:
                 raise MoerunError(f"token id {t} at position {i} is outside the vocabulary (allowed: 0..{vocab - 1})")
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
+    def step(self, seqs: list[Sequence], all_logits: bool = False,
+             observe: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Run every sequence's not-yet-cached tokens in one packed forward.
         Returns fp32 logits of each sequence's last token [B, V], or of every new token [T, V]."""
         inputs = build_step(seqs, self.cache, self.backend.device)
-        hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache.layers)
+        hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache.layers, observe)
         for seq in seqs:
             seq.num_cached = len(seq.token_ids)
         return self.model.compute_logits(hidden if all_logits else hidden[inputs.last_token_rows])
@@ -87,12 +88,12 @@ class Engine:
             self.cache.release(seq.block_table)
             seq.num_cached = 0
 
-    def logits(self, token_ids: list[int]) -> torch.Tensor:
+    def logits(self, token_ids: list[int], observe: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Teacher-forced next-token logits at every position, fp32 [T, V] on the CPU, through the prefill path."""
         self.check_token_ids(token_ids)
         seq = Sequence(list(token_ids))
         try:
-            return self.step([seq], all_logits=True).cpu()
+            return self.step([seq], all_logits=True, observe=observe).cpu()
         finally:
             self.release([seq])
 

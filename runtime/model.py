@@ -4,6 +4,7 @@ lm_head. Every device-specific op goes through the backend; what stays here is d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,22 +36,31 @@ class MiniMaxM2Model:
         return emb.cos().to(self.backend.dtype), emb.sin().to(self.backend.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[Any]) -> torch.Tensor:
-        """Packed tokens [T] of one step -> final-norm hidden states [T, H]. Writes this step's K/V."""
+                kv_caches: list[Any], observe: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Packed tokens [T] of one step -> final-norm hidden states [T, H]. Writes this step's K/V.
+        `observe(name, tensor)`, when given, sees each layer's attention output, router logits and MoE output
+        (how `moerun parity --per-layer` finds where two backends part)."""
         be = self.backend
+        observe = observe or (lambda name, tensor: None)
         cos, sin = self.rotary_angles(positions)
         hidden = F.embedding(input_ids, self.weights.embed)
         residual = None
-        for layer, kv_cache in zip(self.weights.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.weights.layers, kv_caches)):
             if residual is None:
                 residual = hidden
                 x = be.rms_norm(hidden, layer.input_norm, self.config.rms_norm_eps)
             else:
                 x, residual = be.add_rms_norm(hidden, residual, layer.input_norm, self.config.rms_norm_eps)
             hidden = self._attention(layer, x, cos, sin, meta, kv_cache)
+            observe(f"layer{i}.attention", hidden)
             x, residual = be.add_rms_norm(hidden, residual, layer.post_attention_norm, self.config.rms_norm_eps)
-            hidden = self._moe(layer, x)
+            # The router stays fp32 end to end, as the checkpoint stores it: bf16 routing flips expert choices.
+            router_logits = F.linear(x.float(), layer.router)
+            observe(f"layer{i}.router_logits", router_logits)
+            hidden = be.moe(x, router_logits, layer.router_bias, self.config.top_k, layer.experts)
+            observe(f"layer{i}.moe", hidden)
         out, _ = be.add_rms_norm(hidden, residual, self.weights.norm, self.config.rms_norm_eps)
+        observe("final_norm", out)
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -72,8 +82,3 @@ class MiniMaxM2Model:
         be.write_kv(kv_cache, k, v, meta)
         o = be.attention(q, kv_cache, meta, self.scale)
         return be.linear(o.reshape(num_tokens, -1), layer.o_proj)
-
-    def _moe(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        # The router stays fp32 end to end, as the checkpoint stores it: bf16 routing flips expert choices.
-        router_logits = F.linear(x.float(), layer.router)
-        return self.backend.moe(x, router_logits, layer.router_bias, self.config.top_k, layer.experts)

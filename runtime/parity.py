@@ -87,3 +87,29 @@ def compare_logits(a: torch.Tensor, b: torch.Tensor, t: Thresholds = Thresholds(
         if limit is not None and not ok(value, limit):
             report.failures.append(f"{name} {value:.3e} beyond {limit:.1e}")
     return report
+
+
+@dataclasses.dataclass
+class StageDiff:
+    """How far one intermediate of the graph (a layer's attention output, router logits, MoE output) has moved."""
+
+    name: str
+    max_abs_rel: float  # max |A - B| / max |A|
+    cosine: float  # cosine similarity of the flattened tensors
+    expert_agreement: float | None  # router stages: mean fraction of each token's top-k experts both chose
+
+
+def compare_stages(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], route=None) -> list[StageDiff]:
+    """a, b: stage name -> tensor [T, ...] from the two runs, in graph order. `route(name, logits) -> ids [T, k]`
+    turns router logits into expert choices, so routing flips show up as agreement below 1."""
+    out = []
+    for name, ta in a.items():
+        tb = b[name]
+        ta64, tb64 = ta.double().flatten(), tb.double().flatten()
+        cosine = torch.nn.functional.cosine_similarity(ta64, tb64, dim=0).item()
+        agreement = None
+        if route is not None and name.endswith("router_logits"):
+            ids_a, ids_b = route(name, ta), route(name, tb)
+            agreement = (ids_a[:, :, None] == ids_b[:, None, :]).any(-1).double().mean().item()
+        out.append(StageDiff(name, (ta64 - tb64).abs().max().item() / max(ta64.abs().max().item(), 1e-30), cosine, agreement))
+    return out
