@@ -137,7 +137,7 @@ class Backend(abc.ABC):
 
     def describe(self) -> str:
         """One line for logs and the smoke table: backend, device, and anything an operator should know."""
-        return f"{self.name} on {self.device}"
+        return f"{self.name} backend on {self.device}"
 
     # ---- weights -----------------------------------------------------------------------------------------------
     def prepare_linear(self, w: LinearWeight) -> Any:
