@@ -3,8 +3,8 @@
 It lets `moerun` run end to end with no download, and gives tests a checkpoint in the real M2 layout: the
 config.json fields of the release (legacy `rotary_dim` included), the real tensor names, bf16 weights with an
 fp32 router, two safetensors shards with an index, a byte-level BPE tokenizer.json with the M2 special tokens, and
-a chat template with the M2 framing. Everything is derived from fixed seeds and fixed text, so every machine
-builds the same bytes (a manifest of hashes checks that).
+a chat template with the M2 framing. Everything is derived from fixed seeds and fixed text, so the same code
+and library versions always build the same bytes; a manifest of hashes tells a complete folder from a damaged one.
 """
 
 from __future__ import annotations
@@ -18,13 +18,18 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+from tokenizers import pre_tokenizers
 
 from moerun.runtime.demo_corpus import CORPUS
+from moerun.runtime.errors import MoerunError
+
+if TYPE_CHECKING:
+    import torch
 
 # Bump when anything below changes the files: a cache built by older code is then simply not looked at.
+# (tests/test_demo.py pins the hashes of the text files per version to catch a forgotten bump.)
 DEMO_VERSION = "demo-v1"
 MANIFEST = "moerun-demo.json"
 SEED = 1234
@@ -53,7 +58,8 @@ SHARDS = 2
 
 # The files a complete demo folder has; the manifest is written last and lists them with their hashes.
 FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-         "model.safetensors.index.json") + tuple(f"model-{i:05d}-of-{SHARDS:05d}.safetensors" for i in range(1, SHARDS + 1))
+         "model.safetensors.index.json")
+FILES += tuple(f"model-{i:05d}-of-{SHARDS:05d}.safetensors" for i in range(1, SHARDS + 1))
 
 
 # --- where it lives, and building it exactly once ------------------------------------------------------------
@@ -73,11 +79,20 @@ def ensure_demo_checkpoint() -> Path:
     final = root / DEMO_VERSION
     if is_valid_demo(final):
         return final
+    try:
+        return _build_in_place(root, final)
+    except OSError as e:  # unwritable cache, full disk: one clear line for the CLI instead of a traceback
+        raise MoerunError(f"{root}: cannot write the demo checkpoint there ({e.strerror or e}); "
+                          f"set MOERUN_CACHE to a writable folder") from None
+
+
+def _build_in_place(root: Path, final: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     _remove_old_leftovers(root)
     build = Path(tempfile.mkdtemp(prefix=f".{DEMO_VERSION}.tmp-", dir=root))
     try:
         write_demo_checkpoint(build)
+        os.chmod(build, 0o755)  # mkdtemp makes it owner-only; a cache folder is normally world-readable
         for _ in range(5):
             try:
                 os.rename(build, final)  # atomic; fails if `final` exists (POSIX: non-empty dir, Windows: any)
@@ -91,9 +106,9 @@ def ensure_demo_checkpoint() -> Path:
                 try:
                     os.rename(final, stale)
                 except OSError:
-                    pass  # gone already (another process moved it), or in the way differently: just retry
+                    pass  # gone already (another process moved it): just retry
                 shutil.rmtree(stale, ignore_errors=True)
-        raise OSError(f"{final}: could not put the demo checkpoint in place")
+        raise OSError(f"could not rename {build.name} to {final.name}")
     finally:
         shutil.rmtree(build, ignore_errors=True)  # no-op once renamed
 
@@ -138,6 +153,8 @@ def write_demo_checkpoint(folder: Path) -> None:
     _write_json(folder / "config.json", _model_config(ids, vocab_size))
     _write_json(folder / "generation_config.json", _generation_config(ids))
     _write_weights(folder, _weights(vocab_size, tokenizer_vocab=len(ids)))
+    for name in FILES:
+        os.chmod(folder / name, 0o644)  # safetensors writes owner-only files; make all files alike
     files = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in FILES}
     _write_json(folder / MANIFEST, {"version": DEMO_VERSION, "files": files})
 
@@ -156,8 +173,6 @@ def build_tokenizer_json() -> tuple[str, dict[str, int]]:
     """A byte-level BPE tokenizer.json with merges learned from CORPUS, and the full token -> id map.
     The merges are learned here in Python with a total order on ties, so the result never depends on hash
     seeds or thread scheduling (as a library trainer's could)."""
-    from tokenizers import pre_tokenizers
-
     # Split the corpus exactly as the tokenizer will split text at encode time (GPT-2 regex, bytes -> chars).
     splitter = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     word_counts = Counter(piece for piece, _ in splitter.pre_tokenize_str(CORPUS))
@@ -403,8 +418,11 @@ def _weights(vocab_size: int, tokenizer_vocab: int) -> dict[str, torch.Tensor]:
     """Random weights with unit-gain scales (each projection keeps activations near unit RMS), non-trivial norm
     weights and a non-zero routing bias, so every part of the M2 math changes the logits. The lm_head scale gives
     peaked but not one-hot next-token distributions. bf16 like the release, except the fp32 router."""
+    import torch  # here, not at the top: checking or locating the cached demo needs no torch
+
     d = DIMS
-    hidden, layers, experts, inter = d["hidden_size"], d["num_hidden_layers"], d["num_local_experts"], d["intermediate_size"]
+    hidden, layers = d["hidden_size"], d["num_hidden_layers"]
+    experts, inter = d["num_local_experts"], d["intermediate_size"]
     q_width, kv_width = d["num_attention_heads"] * d["head_dim"], d["num_key_value_heads"] * d["head_dim"]
     gen = torch.Generator().manual_seed(SEED)
 
@@ -445,6 +463,8 @@ def _weights(vocab_size: int, tokenizer_vocab: int) -> dict[str, torch.Tensor]:
 
 def _write_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Split by layer into SHARDS files plus model.safetensors.index.json, like the multi-file release."""
+    from safetensors.torch import save_file
+
     layers = DIMS["num_hidden_layers"]
     per_shard = -(-layers // SHARDS)
 
