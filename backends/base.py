@@ -26,6 +26,9 @@ class Capabilities:
     dtypes: tuple[torch.dtype, ...]
     kv_block_sizes: tuple[int, ...]  # the first one is the default
     fp8_weights: bool  # True: the backend executes FP8 block-quantized weights itself (no dequant at load)
+    # True: float8 tensors may be moved to the device and dequantized there (fast); else the loader dequantizes
+    # on the host (a device that may not hold float8 tensors at all, e.g. Ascend A2/A3).
+    dequantize_on_device: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +148,7 @@ class Backend(abc.ABC):
         return w.weight.to(self.device)
 
     def prepare_experts(self, w: ExpertWeights) -> Any:
-        """Move one layer's stacked experts to the device in the layout `experts` expects."""
+        """Move one layer's stacked experts (built on the host) to the device in the layout `experts` expects."""
         return dataclasses.replace(w, w13=w.w13.to(self.device), w2=w.w2.to(self.device))
 
     # ---- KV cache ----------------------------------------------------------------------------------------------

@@ -105,12 +105,19 @@ def validate_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, num_layers: int) -> 
 
 
 class WeightLoader:
+    """Reads each tensor once from the memory-mapped checkpoint and hands it to the backend.
+
+    Linear and expert weights are assembled on the host (experts stacked per layer) and moved by the backend's
+    prepare_* exactly once, so no layer is ever held twice on the device. FP8 weights are dequantized on the
+    device when the backend allows it (fast), else on the host."""
+
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, backend: Backend, plan: ShardPlan | None = None) -> None:
         self.ckpt, self.cfg, self.backend = ckpt, cfg, backend
         self.plan = plan or ShardPlan()
         self.device, self.dtype = backend.device, backend.dtype
         # The backend runs FP8 itself, or we dequantize here.
         self.keep_fp8 = cfg.fp8_block is not None and backend.capabilities.fp8_weights
+        self.dequant_device = backend.device if backend.capabilities.dequantize_on_device else torch.device("cpu")
 
     def load(self, num_layers: int, progress: Callable[[int], None] | None = None) -> ModelWeights:
         validate_checkpoint(self.ckpt, self.cfg, num_layers)
@@ -124,20 +131,21 @@ class WeightLoader:
                    else self._linear("lm_head"))
         return ModelWeights(embed=embed, layers=layers, norm=self._dense("model.norm.weight"), lm_head=lm_head)
 
-    def _read(self, name: str) -> torch.Tensor:
-        return self.ckpt.read(name).to(self.device)
-
     def _dense(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self._read(name).to(dtype or self.dtype)
+        return self.ckpt.read(name).to(self.device, dtype or self.dtype)
+
+    def _dequantize(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        dev = self.dequant_device
+        return dequantize_fp8_block(weight.to(dev), scale.to(dev), self.cfg.fp8_block, self.dtype)
 
     def _linear(self, module: str) -> object:
-        weight = self._read(f"{module}.weight")
+        weight = self.ckpt.read(f"{module}.weight")
         if not is_quantized(self.cfg, module):
             return self.backend.prepare_linear(LinearWeight(weight.to(self.dtype)))
-        scale = self._read(f"{module}.weight_scale_inv")
+        scale = self.ckpt.read(f"{module}.weight_scale_inv")
         if self.keep_fp8:
             return self.backend.prepare_linear(LinearWeight(weight, scale, self.cfg.fp8_block))
-        return self.backend.prepare_linear(LinearWeight(dequantize_fp8_block(weight, scale, self.cfg.fp8_block, self.dtype)))
+        return self.backend.prepare_linear(LinearWeight(self._dequantize(weight, scale)))
 
     def _layer(self, i: int) -> LayerWeights:
         p = layer_prefix(i)
@@ -157,38 +165,41 @@ class WeightLoader:
         )
 
     def _experts(self, p: str) -> object:
-        """Stack this rank's experts into [E, 2I, H] (w1 rows, then w3 rows) and [E, H, I], filled in place so
-        each expert's tensors are read once and never held twice."""
+        """Stack this rank's experts on the host into [E, 2I, H] (w1 rows, then w3 rows) and [E, H, I], in the
+        checkpoint's storage dtype (float8 with block-scale stacks for FP8), then convert once and hand over."""
         cfg = self.cfg
         local = self.plan.local_experts(cfg.num_experts)
         h, inter = cfg.hidden_size, cfg.intermediate_size
-        quantized = is_quantized(self.cfg, f"{p}.block_sparse_moe.experts.0.w1")
-        store = torch.float8_e4m3fn if (quantized and self.keep_fp8) else self.dtype
-        w13 = torch.empty(len(local), 2 * inter, h, dtype=store, device=self.device)
-        w2 = torch.empty(len(local), h, inter, dtype=store, device=self.device)
+        quantized = is_quantized(cfg, f"{p}.block_sparse_moe.experts.0.w1")
+        # Gate and up rows share one [2I, H] stack, so FP8 stacks (with their scale stacks) need 2I to split at a
+        # block edge. Otherwise (never in M2: 1536 = 12 x 128) each expert is dequantized before stacking.
+        stacked_fp8 = quantized and inter % cfg.fp8_block[0] == 0
+        if quantized and self.keep_fp8 and not stacked_fp8:
+            raise CheckpointError(f"{p}: intermediate_size {inter} is not a multiple of the FP8 block "
+                                  f"{cfg.fp8_block[0]}, which FP8 execution needs")
+        store = torch.float8_e4m3fn if stacked_fp8 else self.dtype
+        w13 = torch.empty(len(local), 2 * inter, h, dtype=store)
+        w2 = torch.empty(len(local), h, inter, dtype=store)
         s13 = s2 = None
-        if quantized and self.keep_fp8:
+        if stacked_fp8:
             bn, bk = cfg.fp8_block
-            if inter % bn:
-                # gate and up rows share the stacked [2I, H] tensor, so their scale blocks must not straddle.
-                raise CheckpointError(f"{p}: intermediate_size {inter} is not a multiple of the FP8 block {bn}")
-            s13 = torch.empty(len(local), 2 * inter // bn, -(-h // bk), dtype=torch.float32, device=self.device)
-            s2 = torch.empty(len(local), -(-h // bn), -(-inter // bk), dtype=torch.float32, device=self.device)
+            s13 = torch.empty(len(local), 2 * inter // bn, -(-h // bk), dtype=torch.float32)
+            s2 = torch.empty(len(local), -(-h // bn), -(-inter // bk), dtype=torch.float32)
+        parts = {"w1": (w13, s13, 0), "w3": (w13, s13, inter), "w2": (w2, s2, 0)}
         for slot, e in enumerate(local):
-            base = f"{p}.block_sparse_moe.experts.{e}"
-            for part, (dest, rows, scale_dest) in {"w1": (w13, slice(0, inter), s13),
-                                                   "w3": (w13, slice(inter, 2 * inter), s13),
-                                                   "w2": (w2, slice(None), s2)}.items():
-                module = f"{base}.{part}"
-                weight = self._read(f"{module}.weight")
+            for part, (dest, scale_dest, row0) in parts.items():
+                module = f"{p}.block_sparse_moe.experts.{e}.{part}"
+                weight = self.ckpt.read(f"{module}.weight")
                 if quantized:
-                    scale = self._read(f"{module}.weight_scale_inv")
-                    if self.keep_fp8:
+                    scale = self.ckpt.read(f"{module}.weight_scale_inv")
+                    if stacked_fp8:
                         bn = cfg.fp8_block[0]
-                        srows = slice(rows.start // bn, rows.stop // bn) if rows.start is not None else slice(None)
-                        scale_dest[slot, srows] = scale
+                        scale_dest[slot, row0 // bn:row0 // bn + scale.shape[0]] = scale
                     else:
-                        weight = dequantize_fp8_block(weight, scale, cfg.fp8_block, self.dtype)
-                dest[slot, rows] = weight.to(store)
-        return self.backend.prepare_experts(ExpertWeights(w13=w13, w2=w2, w13_scale_inv=s13, w2_scale_inv=s2,
-                                                          block=cfg.fp8_block if self.keep_fp8 else None))
+                        weight = self._dequantize(weight, scale).cpu()
+                dest[slot, row0:row0 + weight.shape[0]] = weight.to(store)
+        if stacked_fp8 and self.keep_fp8:
+            return self.backend.prepare_experts(ExpertWeights(w13, w2, s13, s2, block=cfg.fp8_block))
+        if stacked_fp8:
+            w13, w2 = self._dequantize(w13, s13), self._dequantize(w2, s2)
+        return self.backend.prepare_experts(ExpertWeights(w13=w13, w2=w2))

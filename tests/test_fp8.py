@@ -52,3 +52,38 @@ def test_fp8_checkpoint_missing_scale_names_tensor(hf_checkpoint, write_yaml, tm
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight_scale_inv: missing"):
         Engine.from_config(write_yaml(run_yaml(tmp_path / "fp8")))
+
+
+def test_fp8_stacks_handed_to_an_fp8_backend_keep_every_block_scale(hf_checkpoint, write_yaml, tmp_path, monkeypatch):
+    """A backend that executes FP8 receives float8 expert stacks with stacked block scales. This one dequantizes
+    them itself at use; if any expert's or gate/up half's scales landed in the wrong slot, logits would move."""
+    import dataclasses
+
+    import moerun.runtime.engine as engine_module
+    from hf_checkpoints import hf_logits
+    from moerun.backends.cpu.backend import CpuBackend
+    from transformers import MiniMaxM2ForCausalLM
+
+    class Fp8Backend(CpuBackend):
+        capabilities = dataclasses.replace(CpuBackend.capabilities, fp8_weights=True)
+
+        def prepare_linear(self, w):
+            return w
+
+        def linear(self, x, w):
+            if w.scale_inv is None:
+                return super().linear(x, w.weight)
+            return super().linear(x, dequantize_fp8_block(w.weight, w.scale_inv, w.block, x.dtype))
+
+        def experts(self, x, weights, ids, e):
+            assert e.w13.dtype == torch.float8_e4m3fn and e.w13_scale_inv is not None
+            w13 = dequantize_fp8_block(e.w13, e.w13_scale_inv, e.block, x.dtype)
+            w2 = dequantize_fp8_block(e.w2, e.w2_scale_inv, e.block, x.dtype)
+            return super().experts(x, weights, ids, dataclasses.replace(e, w13=w13, w2=w2))
+
+    folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)
+    make_fp8_pair(folder, tmp_path / "fp8", tmp_path / "ref", (16, 16))
+    monkeypatch.setattr(engine_module, "get_backend_class", lambda name: Fp8Backend)
+    ours = Engine.from_config(write_yaml(run_yaml(tmp_path / "fp8"))).logits(TOKENS)
+    ref = hf_logits(MiniMaxM2ForCausalLM.from_pretrained(tmp_path / "ref", dtype=torch.float32), TOKENS)
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
