@@ -1,0 +1,88 @@
+"""AscendBackend: the MiniMax-M2 graph's device ops on Huawei Ascend NPUs (Atlas A2 / 910B, A3 / 910C) via torch_npu,
+or on CPU with `ascend: {emulate: true}` through the emulation of exactly the torch_npu functions called here.
+
+This module imports without torch_npu (YAML validation imports every backend class); the ops arrive through
+npu_ops.load when the backend is built. What each step calls, and what is verified where: docs/ascend.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moerun.backends.ascend import attention, model_limits, moe, npu_ops, rotary
+from moerun.backends.base import AttentionMetadata, Backend, Capabilities, ExpertWeights, LinearWeight, ModelSpec
+
+
+class AscendBackend(Backend):
+    name = "ascend"
+    capabilities = Capabilities(
+        # float32 only under emulation: check_model refuses it on an NPU (FIA takes fp16/bf16).
+        dtypes=(torch.bfloat16, torch.float16, torch.float32),
+        # Paged FIA prefill takes multiples of 128 up to 512; vllm-ascend runs 128 only, and so does moerun.
+        kv_block_sizes=(128,),
+        fp8_weights=False,  # A2/A3 have no FP8: the loader dequantizes FP8 checkpoints to the model dtype
+    )
+    default_options = {"emulate": False, "device": "npu:0"}
+
+    def __init__(self, options: dict[str, Any], dtype: torch.dtype) -> None:
+        super().__init__(options, dtype)
+        self._source = npu_ops.load(bool(options.get("emulate", False)), options.get("device", "npu:0"))
+        self._ops = self._source.ops
+        self._mask: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._source.device)
+
+    def check_model(self, spec: ModelSpec) -> None:
+        model_limits.check_model(spec, self.capabilities.kv_block_sizes, self._source.float32_attention)
+
+    def describe(self) -> str:
+        return f"ascend on {self._source.device} ({self._source.label})"
+
+    # ---- weights ----
+    def prepare_linear(self, w: LinearWeight) -> torch.Tensor:
+        if w.scale_inv is not None:
+            raise ValueError("ascend: an FP8 linear weight reached the backend; the loader must dequantize it")
+        return w.weight.to(self.device)
+
+    def prepare_experts(self, w: ExpertWeights) -> moe.AscendExperts:
+        return moe.prepare(w, self.device)
+
+    # ---- KV cache ----
+    def allocate_kv_cache(self, num_blocks, block_size, num_kv_heads, head_dim, dtype) -> attention.PagedKV:
+        return attention.allocate(num_blocks, block_size, num_kv_heads, head_dim, dtype, self.device)
+
+    def write_kv(self, kv_cache: attention.PagedKV, k, v, meta: AttentionMetadata) -> None:
+        attention.write_kv(self._ops, kv_cache, k, v, meta)
+
+    # ---- ops ----
+    def linear(self, x, w):
+        return F.linear(x, w)  # a plain aten matmul, which torch_npu runs on the NPU's cube units
+
+    def rms_norm(self, x, weight, eps):
+        return self._ops.npu_rms_norm(x, weight.to(x.dtype), eps)[0]
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        normed, _rstd, summed = self._ops.npu_add_rms_norm(x, residual, weight.to(x.dtype), eps)
+        return normed, summed
+
+    def rotary(self, q, k, cos, sin):
+        return rotary.apply(self._ops, q, k, cos, sin)
+
+    def attention(self, q, kv_cache: attention.PagedKV, meta: AttentionMetadata, scale):
+        if self._mask is None:
+            self._mask = attention.causal_mask(self.device)
+        return attention.attention(self._ops, q, kv_cache, meta, scale, self._mask)
+
+    def route(self, router_logits, bias, top_k):
+        return moe.route(self._ops, router_logits, bias, top_k)
+
+    def experts(self, x, weights, ids, experts: moe.AscendExperts):
+        return moe.experts(self._ops, x, weights, ids, experts)
+
+    def synchronize(self) -> None:
+        self._ops.npu.synchronize()

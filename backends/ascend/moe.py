@@ -1,0 +1,75 @@
+"""Routed experts on Ascend, in the all-gather form vllm-ascend uses on one device:
+
+  npu_moe_gating_top_k      sigmoid scores; the correction bias only selects; weights renormalized
+  npu_moe_init_routing_v2   token-expert pairs sorted by expert: permuted rows + per-expert row counts
+  npu_grouped_matmul        [rows, H] @ w13[e] (E, H, 2I) per expert group
+  npu_swiglu                silu(first half) * second half: gate first, as MiniMax's w13 stacks it
+  npu_grouped_matmul        [rows, I] @ w2[e] (E, I, H)
+  npu_moe_token_unpermute   back to token order, weighted sum over each token's k experts
+
+Not npu_moe_finalize_routing: vllm-ascend documents that it "will lead to accuracy issues" and combines with
+npu_moe_token_unpermute instead (docs/ascend.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import ModuleType
+
+import torch
+
+from moerun.backends.base import ExpertWeights
+
+SIGMOID = 1  # npu_moe_gating_top_k norm_type
+COUNT = 1  # npu_moe_init_routing_v2 expert_tokens_num_type / npu_grouped_matmul group_list_type: per-expert counts
+GATHER_INDEX = 0  # npu_moe_init_routing_v2 row_idx_type: index[t*K + j] = row of pair (t, j) in the permuted rows
+SINGLE_OUTPUT = 2  # npu_grouped_matmul split_item: one [M, N] output
+GROUP_ALONG_M = 0  # npu_grouped_matmul group_type
+
+
+@dataclasses.dataclass
+class AscendExperts:
+    """One layer's experts, pre-transposed for npu_grouped_matmul (x [M, K] @ w[e] [K, N])."""
+
+    w13: torch.Tensor  # [E, H, 2I]: columns 0..I-1 are gate_proj (w1), I..2I-1 up_proj (w3)
+    w2: torch.Tensor  # [E, I, H]
+
+
+def prepare(w: ExpertWeights, device: torch.device) -> AscendExperts:
+    if w.block is not None or w.w13_scale_inv is not None:
+        raise ValueError("ascend: FP8 expert weights reached the backend; capabilities.fp8_weights is False, "
+                         "so the loader must dequantize them")
+    # [E, 2I, H] -> [E, H, 2I]: the gate rows of w13 become the first I output columns, which is the half
+    # npu_swiglu gates (swish(A) * B with A the first half), so no reordering is needed.
+    # The loader stacks on the host: transpose there, so the device receives one copy in its final layout.
+    return AscendExperts(w13=w.w13.transpose(1, 2).contiguous().to(device),
+                         w2=w.w2.transpose(1, 2).contiguous().to(device))
+
+
+def route(ops: ModuleType, router_logits: torch.Tensor, bias: torch.Tensor,
+          top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits [T, E] and fp32 bias [E] -> (weights fp32 [T, k], expert ids int32 [T, k]). The kernel wants the
+    bias in the logits' dtype, so both stay fp32: a bf16 bias flips expert choices."""
+    weights, ids, _ = ops.npu_moe_gating_top_k(
+        router_logits.float(), top_k, bias=bias.float(), k_group=1, group_count=1, group_select_mode=0, renorm=0,
+        norm_type=SIGMOID, out_flag=False, routed_scaling_factor=1.0, eps=1e-20)
+    return weights, ids
+
+
+def experts(ops: ModuleType, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+            w: AscendExperts) -> torch.Tensor:
+    """sum_j weights[t, j] * SwiGLU_expert(ids[t, j])(x[t]) -> [T, H] in x's dtype."""
+    num_tokens, top_k = ids.shape
+    num_experts = w.w13.shape[0]
+    permuted, row_of_pair, counts, _ = ops.npu_moe_init_routing_v2(
+        x.contiguous(), ids.to(torch.int32).contiguous(), active_num=num_tokens * top_k, expert_num=num_experts,
+        expert_tokens_num_type=COUNT, expert_tokens_num_flag=True, active_expert_range=[0, num_experts],
+        quant_mode=-1, row_idx_type=GATHER_INDEX)
+    counts = counts.to(torch.int64)
+    gate_up = ops.npu_grouped_matmul([permuted], [w.w13], group_list=counts, split_item=SINGLE_OUTPUT,
+                                     group_type=GROUP_ALONG_M, group_list_type=COUNT)[0]
+    hidden = ops.npu_swiglu(gate_up, dim=-1)
+    down = ops.npu_grouped_matmul([hidden], [w.w2], group_list=counts, split_item=SINGLE_OUTPUT,
+                                  group_type=GROUP_ALONG_M, group_list_type=COUNT)[0]
+    # probs in the tokens' dtype: the one combination the kernel documents for certain (fp32 tokens keep fp32 weights)
+    return ops.npu_moe_token_unpermute(down, row_of_pair, probs=weights.to(down.dtype))

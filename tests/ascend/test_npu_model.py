@@ -1,0 +1,93 @@
+"""The model-level checks of tests/test_ascend_model.py on a real Ascend NPU (torch_npu + CANN, an NPU visible).
+
+Real A2/A3 kernels take fp16/bf16 only, so these run in bfloat16 against transformers, the CPU backend and the
+emulation; float32 must be refused up front. Skipped, with the reason, on hosts without an NPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_yaml
+from hf_checkpoints import build_hf_model, hf_logits, save_hf_checkpoint
+from npu_host import NPU, requires_npu
+
+from moerun.runtime.batch import Sequence
+from moerun.runtime.cli import main
+from moerun.runtime.engine import Engine
+from moerun.runtime.errors import UnsupportedModelError
+from moerun.runtime.parity import compare_logits
+
+TOKENS = [1, 17, 42, 5, 99, 3, 150, 7, 7, 7, 200, 64, 11, 0, 123, 45, 46, 47, 8, 2, 190, 33, 12]
+M2_LIKE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=128, rotary_dim=64,
+               intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
+
+pytestmark = requires_npu
+
+
+@pytest.fixture(scope="module")
+def checkpoint(hf_checkpoint, tmp_path_factory):
+    made = {}
+
+    def make(shape: str, dtype: torch.dtype = torch.bfloat16, seed: int = 3):
+        if shape != "m2_like":
+            return hf_checkpoint(shape, dtype, seed)
+        if (dtype, seed) not in made:
+            model = build_hf_model(M2_LIKE, seed=seed)
+            folder = tmp_path_factory.mktemp(f"npu_m2_like_{seed}")
+            made[(dtype, seed)] = (save_hf_checkpoint(model, folder, dtype), model)
+        return made[(dtype, seed)]
+
+    return make
+
+
+def npu_yaml(folder, device, dtype="bfloat16"):
+    return run_yaml(folder, backend="ascend", dtype=dtype, block_size=128, ascend={"emulate": False, "device": device})
+
+
+@pytest.mark.parametrize("shape", ["m2_like", "gqa4_half_rope", "gqa6_quarter_rope"])
+def test_bfloat16_npu_logits_match_transformers(shape, checkpoint, write_yaml):
+    folder, model = checkpoint(shape)
+    ours = Engine.from_config(write_yaml(npu_yaml(folder, NPU))).logits(TOKENS)
+    ref = hf_logits(model.to(torch.bfloat16), TOKENS)
+    report = compare_logits(ref, ours)
+    assert report.mean_kl < 2e-3 and report.top1_agreement >= 0.9 and report.max_abs_rel <= 0.1, report
+
+
+@pytest.mark.parametrize("shape", ["m2_like", "gqa4_half_rope"])
+def test_parity_command_cpu_vs_npu(shape, checkpoint, write_yaml, capsys):
+    folder, _ = checkpoint(shape)
+    cpu = write_yaml(run_yaml(folder, dtype="bfloat16"), "cpu.yaml")
+    real = write_yaml(npu_yaml(folder, NPU), "npu.yaml")
+    code = main(["parity", "-c", str(cpu), "-c", str(real), "--token-ids", ",".join(map(str, TOKENS))])
+    assert code == 0, capsys.readouterr().out
+
+
+def test_npu_agrees_with_its_emulation(checkpoint, write_yaml):
+    """Same code path, real kernels vs emulated ones: any gap is kernel numerics (or an emulation error)."""
+    folder, _ = checkpoint("m2_like")
+    real = Engine.from_config(write_yaml(npu_yaml(folder, NPU), "npu.yaml")).logits(TOKENS)
+    emulated = Engine.from_config(write_yaml(run_yaml(folder, backend="ascend", dtype="bfloat16", block_size=128,
+                                                      ascend={"emulate": True}), "emu.yaml")).logits(TOKENS)
+    report = compare_logits(emulated, real)
+    assert report.mean_kl < 1e-3 and report.top1_agreement >= 0.95, report
+
+
+def test_decode_matches_prefill_on_npu(checkpoint, write_yaml):
+    folder, _ = checkpoint("m2_like")
+    engine = Engine.from_config(write_yaml(npu_yaml(folder, NPU)))
+    prompt = (TOKENS * 7)[:140]  # crosses the 128-token block edge
+    seq = Sequence(list(prompt))
+    steps = [engine.step([seq])[0]]
+    for token in TOKENS[:8]:
+        seq.token_ids.append(token)
+        steps.append(engine.step([seq])[0])
+    engine.release([seq])
+    full = engine.logits(prompt + TOKENS[:8])[len(prompt) - 1:]
+    report = compare_logits(full, torch.stack(steps))
+    assert report.mean_kl < 1e-3 and report.top1_agreement >= 0.9, report
+
+
+def test_float32_is_refused_on_a_real_npu(checkpoint, write_yaml):
+    folder, _ = checkpoint("m2_like", torch.float32, seed=0)
+    with pytest.raises(UnsupportedModelError, match="float16/bfloat16 only"):
+        Engine.from_config(write_yaml(npu_yaml(folder, "float32")))

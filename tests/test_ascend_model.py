@@ -1,0 +1,124 @@
+"""The whole model through the Ascend code path (emulate: true) on checkpoints transformers saved: against
+transformers itself and against the CPU reference backend, prefill, decode and mixed batches, float32 and bfloat16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_yaml
+from hf_checkpoints import build_hf_model, hf_logits, save_hf_checkpoint
+
+from moerun.runtime.batch import Sequence
+from moerun.runtime.cli import main
+from moerun.runtime.engine import Engine
+from moerun.runtime.parity import compare_logits
+from moerun.runtime.sampling import SamplingParams
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS = [1, 17, 42, 5, 99, 3, 150, 7, 7, 7, 200, 64, 11, 0, 123, 45, 46, 47, 8, 2, 190, 33, 12]
+# MiniMax-M2's attention geometry at toy width: head_dim 128 (FIA's native TND size, no padding), half of it
+# rotated. The shared shapes (head_dim 16, 12, 32) exercise the zero-padded path.
+M2_LIKE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=128, rotary_dim=64,
+               intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(hf_checkpoint, tmp_path_factory):
+    """checkpoint(shape, dtype, seed) -> (folder, transformers model); the shared shapes, or "m2_like"."""
+    made = {}
+
+    def make(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+        if shape != "m2_like":
+            return hf_checkpoint(shape, dtype, seed)
+        if (dtype, seed) not in made:
+            model = build_hf_model(M2_LIKE, seed=seed)
+            folder = tmp_path_factory.mktemp(f"m2_like_{str(dtype).split('.')[-1]}_{seed}")
+            made[(dtype, seed)] = (save_hf_checkpoint(model, folder, dtype), model)
+        return made[(dtype, seed)]
+
+    return make
+
+
+def ascend_yaml(folder, dtype="float32"):
+    return run_yaml(folder, backend="ascend", dtype=dtype, block_size=128, ascend={"emulate": True})
+
+
+@pytest.mark.parametrize("shape", ["m2_like", "gqa4_half_rope", "mha_full_rope", "gqa6_quarter_rope"])
+def test_float32_ascend_logits_match_transformers(shape, checkpoint, write_yaml):
+    folder, model = checkpoint(shape, torch.float32)
+    ours = Engine.from_config(write_yaml(ascend_yaml(folder))).logits(TOKENS)
+    ref = hf_logits(model.float(), TOKENS)
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("shape", ["m2_like", "gqa4_half_rope", "gqa6_quarter_rope"])
+def test_bfloat16_ascend_logits_match_transformers(shape, checkpoint, write_yaml):
+    """Rounding order differs from transformers' (fused fp32 norms and activations), so the bar is the faithful
+    16-bit band the CPU backend meets against transformers, not equality."""
+    folder, model = checkpoint(shape, torch.bfloat16, seed=3)
+    ours = Engine.from_config(write_yaml(ascend_yaml(folder, "bfloat16"))).logits(TOKENS)
+    ref = hf_logits(model.to(torch.bfloat16), TOKENS)
+    report = compare_logits(ref, ours)
+    assert report.mean_kl < 2e-3 and report.top1_agreement >= 0.9 and report.max_abs_rel <= 0.1, report
+
+
+@pytest.mark.parametrize("shape,dtype", [("gqa6_quarter_rope", "float32"), ("m2_like", "float32"),
+                                         ("gqa4_half_rope", "bfloat16"), ("m2_like", "bfloat16")])
+def test_parity_command_cpu_vs_ascend(shape, dtype, checkpoint, write_yaml, capsys):
+    folder, _ = checkpoint(shape, getattr(torch, dtype), seed=3 if dtype == "bfloat16" else 0)
+    cpu = write_yaml(run_yaml(folder, dtype=dtype), "cpu.yaml")
+    ascend = write_yaml(ascend_yaml(folder, dtype), "ascend.yaml")
+    extra = ["--max-abs-rel", "1e-4"] if dtype == "float32" else []  # fp32: the same numbers, not just close
+    code = main(["parity", "-c", str(cpu), "-c", str(ascend), "--token-ids", ",".join(map(str, TOKENS)), *extra])
+    assert code == 0, capsys.readouterr().out
+
+
+def test_demo_configs_agree(capsys):
+    """The shipped emulated config against the shipped CPU demo: float32, so the same numbers."""
+    configs = REPO / "configs"
+    code = main(["parity", "-c", str(configs / "demo.yaml"), "-c", str(configs / "ascend_demo_emulated.yaml"),
+                 "--token-ids", "1,2,3,4,5,6,7,8,9,10", "--max-abs-rel", "1e-4"])
+    assert code == 0, capsys.readouterr().out
+
+
+def test_decode_and_chunked_prefill_match_full_prefill(checkpoint, write_yaml):
+    """Ragged sequences prefilled in chunks (mixed batches), then decoded together; prompts cross the 128-token
+    block edge. Every step's logits must equal a single full prefill of the same tokens."""
+    folder, _ = checkpoint("m2_like", torch.float32)
+    engine = Engine.from_config(write_yaml(ascend_yaml(folder)))
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 211, (n,), generator=gen).tolist() for n in (3, 140, 1, 127)]
+    seqs, done, collected = [Sequence([]) for _ in prompts], [0] * len(prompts), [[] for _ in prompts]
+    while any(d < len(p) for d, p in zip(done, prompts)):  # chunks of up to 50 tokens: prefill and decode mix
+        active = [i for i, p in enumerate(prompts) if done[i] < len(p)]
+        for i in active:
+            take = min(50, len(prompts[i]) - done[i])
+            seqs[i].token_ids.extend(prompts[i][done[i]:done[i] + take])
+            done[i] += take
+        logits = engine.step([seqs[i] for i in active])
+        for row, i in enumerate(active):
+            if done[i] == len(prompts[i]):
+                collected[i].append(logits[row])
+    for _ in range(6):  # decode steps of every sequence at once
+        for seq in seqs:
+            seq.token_ids.append(int(torch.randint(0, 211, (1,), generator=gen)))
+        logits = engine.step(seqs)
+        for i in range(len(seqs)):
+            collected[i].append(logits[i])
+    tokens = [list(s.token_ids) for s in seqs]
+    engine.release(seqs)
+    for prompt, seq_tokens, got in zip(prompts, tokens, collected):
+        full = engine.logits(seq_tokens)[len(prompt) - 1:]
+        assert (torch.stack(got) - full).abs().max() <= 1e-4 * full.abs().max()
+
+
+def test_greedy_generation_matches_cpu(checkpoint, write_yaml):
+    folder, _ = checkpoint("gqa4_half_rope", torch.float32)
+    prompts = [TOKENS[:7], TOKENS[3:5], TOKENS]
+    params = SamplingParams(max_tokens=12)
+    cpu = Engine.from_config(write_yaml(run_yaml(folder), "cpu.yaml")).generate(prompts, params)
+    ascend = Engine.from_config(write_yaml(ascend_yaml(folder), "ascend.yaml")).generate(prompts, params)
+    assert ascend == cpu
