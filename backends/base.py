@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -137,6 +138,16 @@ class Backend(abc.ABC):
 
     def check_model(self, spec: ModelSpec) -> None:
         """Raise UnsupportedModelError naming the limit when the kernels cannot run this model."""
+
+    def device_info(self) -> dict[str, Any]:
+        """{"name": str, "memory_total": int | None, "memory_free": int | None} in bytes; None when unknown."""
+        return {"name": str(self.device), "memory_total": None, "memory_free": None}
+
+    def decode_runner(self, forward: Callable[..., torch.Tensor], max_num_seqs: int,
+                      max_blocks_per_seq: int) -> Callable[..., torch.Tensor]:
+        """The graph's forward(input_ids, positions, meta, kv_caches, observe=None) as this backend runs decode
+        steps (every sequence adds one token). A backend may capture and replay device graphs here."""
+        return forward
 
     def describe(self) -> str:
         """One line for logs and the smoke table: backend, device, and anything an operator should know."""

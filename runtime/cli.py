@@ -213,15 +213,13 @@ def stage_router(engine):
     return lambda name, logits: route(logits, biases[name], engine.config.top_k)[1]
 
 
-def _register_optional_commands() -> None:
-    try:
-        from moerun.runtime.bench import bench
-    except ImportError:  # the benchmark module is optional until it lands
-        return
+def _add_bench() -> None:
+    from moerun.runtime.bench import bench
+
     cli.add_command(bench)
 
 
-_register_optional_commands()
+_add_bench()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,8 @@ from moerun.runtime.model_config import load_model_config
 from moerun.runtime.run_config import BUILTIN_DEMO, RunConfig, load_run_config
 from moerun.runtime.sampling import SamplingParams, sample
 
+MAX_DECODE_BATCH = 256  # the largest decode batch a backend prepares for (device-graph buckets)
+
 
 def resolve_model_folder(model_path: str) -> Path:
     if model_path == BUILTIN_DEMO:
@@ -48,6 +50,10 @@ class Engine:
         weights = WeightLoader(Checkpoint(self.folder), cfg, self.backend).load(layers, progress)
         self.model = MiniMaxM2Model(cfg, weights, self.backend)
         self.cache = PagedKVCache(self.backend, layers, run.kv_num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Decode steps may be replayed as device graphs; prefill always runs the graph eagerly.
+        self._decode_forward = self.backend.decode_runner(
+            self.model.forward, max_num_seqs=MAX_DECODE_BATCH,
+            max_blocks_per_seq=min(run.kv_num_blocks, -(-cfg.max_position_embeddings // block_size)))
         self._tokenizer = None
 
     @classmethod
@@ -78,7 +84,8 @@ class Engine:
         """Run every sequence's not-yet-cached tokens in one packed forward.
         Returns fp32 logits of each sequence's last token [B, V], or of every new token [T, V]."""
         inputs = build_step(seqs, self.cache, self.backend.device)
-        hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache.layers, observe)
+        forward = self._decode_forward if inputs.meta.is_decode and observe is None else self.model.forward
+        hidden = forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache.layers, observe)
         for seq in seqs:
             seq.num_cached = len(seq.token_ids)
         return self.model.compute_logits(hidden if all_logits else hidden[inputs.last_token_rows])

@@ -1,0 +1,533 @@
+"""`moerun bench`: decode and prefill speed of a synthetic MiniMax-M2 on the backend a YAML file picks, with the
+achieved fraction of the device's memory bandwidth (MBU) and of its matmul throughput (MFU), measured in the same
+run, and optionally transformers' MiniMaxM2ForCausalLM on the same weights and inputs.
+
+The model has the real layer dimensions (hidden 3072, 48 query / 8 kv heads of 128, 256 experts of 1536, top-8,
+vocab 200064) and random weights, built in memory (no checkpoint), with as many layers as fit on the device (or
+--layers N). The YAML file supplies the backend, its options, the dtype and the KV block size; its model.path is
+not read. `--small` (automatic on CPU devices) shrinks every dimension so the whole run takes seconds.
+
+Definitions (docs/performance.md has the long form):
+- decode step: one forward of B sequences that each add one token at context C, plus their logits; inputs
+  prebuilt, timed from launch to synchronize; the median of --steps runs after --warmup runs.
+- MBU = bytes the step must read / step time / copy bandwidth. Bytes: per layer the attention projections, norms
+  and router, the experts actually routed to in that step (counted from the step's routing), and the K/V of every
+  sequence's context; plus the final norm, the lm_head and the B embedding rows. Copy bandwidth: a large
+  device-to-device copy timed in this run, counted as bytes read + bytes written.
+- MFU = prefill FLOPs / prefill time / the FLOP rate of a large matmul in the model dtype timed in this run.
+  FLOPs: 2 per weight per token for the attention projections, the router and the top-k experts, causal attention
+  2 * 2 * heads * head_dim * P(P+1)/2, and the lm_head for the last token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from moerun.backends.base import Backend, ExpertWeights, LinearWeight, ModelSpec, get_backend_class
+from moerun.backends.cpu.ops import dequantize_fp8_block
+from moerun.runtime.batch import Sequence, build_step
+from moerun.runtime.errors import MoerunError
+from moerun.runtime.kv_cache import PagedKVCache
+from moerun.runtime.model import MiniMaxM2Model
+from moerun.runtime.model_config import ModelConfig
+from moerun.runtime.run_config import RunConfig, load_run_config
+from moerun.runtime.weights import LayerWeights, ModelWeights
+
+GiB = 1 << 30
+FP8_BLOCK = (128, 128)
+
+# MiniMax-M2's dimensions (config.json of the release), and a miniature with the same ratios for CPU runs.
+M2 = dict(vocab_size=200064, hidden_size=3072, num_layers=62, num_heads=48, num_kv_heads=8, head_dim=128, rotary_dim=64,
+          intermediate_size=1536, num_experts=256, top_k=8)
+SMALL = dict(vocab_size=512, hidden_size=128, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=32, rotary_dim=16,
+             intermediate_size=128, num_experts=16, top_k=4)
+
+
+@dataclasses.dataclass
+class Plan:
+    small: bool
+    layers: int
+    batches: list[int]
+    context: int
+    prefill_tokens: int
+    steps: int
+    warmup: int
+    fp8: bool
+    compare: str | None
+
+
+# ---- the synthetic model -----------------------------------------------------------------------------------------
+
+def model_config(dims: dict[str, int], layers: int) -> ModelConfig:
+    return ModelConfig(**{**dims, "num_layers": layers}, rope_theta=5e6, rms_norm_eps=1e-6, max_position_embeddings=196608,
+                       tie_word_embeddings=False, bos_token_id=None, eos_token_ids=(), checkpoint_dtype="bfloat16",
+                       fp8_block=None, fp8_modules_not_converted=())
+
+
+def _spec(cfg: ModelConfig, dtype: torch.dtype, block_size: int, fp8: bool) -> ModelSpec:
+    return ModelSpec(hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                     head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                     intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, dtype=dtype,
+                     kv_block_size=block_size, fp8_block=FP8_BLOCK if fp8 else None)
+
+
+class SyntheticWeights:
+    """Random weights with the checkpoint's layout, generated on the device: float weights ~ N(0, 1/fan_in); FP8
+    weights as e4m3 values ~ N(0, 64^2) with block scales 1/(64 sqrt(fan_in)), so both dequantize to the same
+    distribution. Each is handed to the backend's prepare_* as the loader would (FP8 dequantized first unless the
+    backend executes FP8). `hf` keeps transformers' names for the float weights, for --compare transformers."""
+
+    def __init__(self, cfg: ModelConfig, backend: Backend, fp8: bool, seed: int) -> None:
+        self.cfg, self.backend, self.fp8 = cfg, backend, fp8
+        self.device, self.dtype = backend.device, backend.dtype
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.hf: dict[str, torch.Tensor] = {}
+
+    def _normal(self, shape, std: float, dtype=None) -> torch.Tensor:
+        """Drawn directly in the target dtype: a float32 intermediate would double a 7 GB expert stack."""
+        return torch.empty(shape, dtype=dtype or self.dtype, device=self.device).normal_(0.0, std, generator=self.gen)
+
+    def _fp8(self, shape, fan_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.empty(shape, dtype=torch.bfloat16, device=self.device).normal_(0.0, 64.0, generator=self.gen)
+        q = q.clamp_(-448, 448).to(torch.float8_e4m3fn)
+        scale_shape = (*shape[:-2], -(-shape[-2] // FP8_BLOCK[0]), -(-shape[-1] // FP8_BLOCK[1]))
+        return q, torch.full(scale_shape, 1.0 / (64.0 * math.sqrt(fan_in)), device=self.device)
+
+    def linear(self, name: str, rows: int, cols: int) -> Any:
+        if not self.fp8:
+            w = self._normal((rows, cols), cols ** -0.5)
+            self.hf[name] = w
+            return self.backend.prepare_linear(LinearWeight(w))
+        q, scale = self._fp8((rows, cols), cols)
+        if self.backend.capabilities.fp8_weights:
+            return self.backend.prepare_linear(LinearWeight(q, scale, FP8_BLOCK))
+        return self.backend.prepare_linear(LinearWeight(dequantize_fp8_block(q, scale, FP8_BLOCK, self.dtype)))
+
+    def experts(self, prefix: str) -> Any:
+        cfg = self.cfg
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        if not self.fp8:
+            w13, w2 = self._normal((e, 2 * i, h), h ** -0.5), self._normal((e, h, i), i ** -0.5)
+            self.hf[f"{prefix}.mlp.experts.gate_up_proj"], self.hf[f"{prefix}.mlp.experts.down_proj"] = w13, w2
+            return self.backend.prepare_experts(ExpertWeights(w13=w13, w2=w2))
+        (q13, s13), (q2, s2) = self._fp8((e, 2 * i, h), h), self._fp8((e, h, i), i)
+        if self.backend.capabilities.fp8_weights:
+            return self.backend.prepare_experts(ExpertWeights(q13, q2, s13, s2, FP8_BLOCK))
+        return self.backend.prepare_experts(ExpertWeights(dequantize_fp8_block(q13, s13, FP8_BLOCK, self.dtype),
+                                                          dequantize_fp8_block(q2, s2, FP8_BLOCK, self.dtype)))
+
+    def norm(self, name: str, size: int) -> torch.Tensor:
+        w = (1.0 + self._normal((size,), 0.1, torch.float32)).to(self.dtype)
+        self.hf[name] = w
+        return w
+
+    def layer(self, i: int) -> LayerWeights:
+        cfg, p = self.cfg, f"model.layers.{i}"
+        h, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        layer = LayerWeights(
+            input_norm=self.norm(f"{p}.input_layernorm.weight", h),
+            q_proj=self.linear(f"{p}.self_attn.q_proj.weight", q_dim, h),
+            k_proj=self.linear(f"{p}.self_attn.k_proj.weight", kv_dim, h),
+            v_proj=self.linear(f"{p}.self_attn.v_proj.weight", kv_dim, h),
+            o_proj=self.linear(f"{p}.self_attn.o_proj.weight", h, q_dim),
+            q_norm=self.norm(f"{p}.self_attn.q_norm.weight", q_dim),
+            k_norm=self.norm(f"{p}.self_attn.k_norm.weight", kv_dim),
+            post_attention_norm=self.norm(f"{p}.post_attention_layernorm.weight", h),
+            router=self._normal((cfg.num_experts, h), h ** -0.5, torch.float32),
+            router_bias=self._normal((cfg.num_experts,), 0.01, torch.float32),
+            experts=self.experts(p))
+        self.hf[f"{p}.mlp.gate.weight"], self.hf[f"{p}.mlp.e_score_correction_bias"] = layer.router, layer.router_bias
+        return layer
+
+    def model(self, progress: Callable[[], None]) -> ModelWeights:
+        layers = []
+        for i in range(self.cfg.num_layers):
+            layers.append(self.layer(i))
+            progress()
+        embed = self._normal((self.cfg.vocab_size, self.cfg.hidden_size), 1.0)
+        self.hf["model.embed_tokens.weight"] = embed
+        lm_head = self._normal((self.cfg.vocab_size, self.cfg.hidden_size), self.cfg.hidden_size ** -0.5)
+        self.hf["lm_head.weight"] = lm_head
+        return ModelWeights(embed=embed, layers=layers, norm=self.norm("model.norm.weight", self.cfg.hidden_size),
+                            lm_head=self.backend.prepare_linear(LinearWeight(lm_head)))
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes of every tensor inside a prepared weight (a tensor, a dataclass of tensors, a list of them)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(x) for x in obj)
+    return 0
+
+
+# ---- timing and the two device probes --------------------------------------------------------------------------
+
+def time_runs(fn: Callable[[], Any], backend: Backend, warmup: int, runs: int) -> float:
+    """Median seconds of fn from launch to synchronize, after warmup runs."""
+    for _ in range(warmup):
+        fn()
+    backend.synchronize()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        backend.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(backend: Backend, size: int) -> float:
+    """Bytes/s of a device-to-device copy of `size` bytes, counting the read and the write."""
+    src = torch.ones(size // 2, dtype=torch.bfloat16, device=backend.device)
+    dst = torch.empty_like(src)
+    seconds = time_runs(lambda: dst.copy_(src), backend, 3, 10)
+    return 2 * size / seconds
+
+
+def matmul_flops(backend: Backend, n: int) -> float:
+    """FLOP/s of an n x n x n matmul in the model dtype."""
+    a = torch.randn(n, n, device=backend.device).to(backend.dtype)
+    b = torch.randn(n, n, device=backend.device).to(backend.dtype)
+    seconds = time_runs(lambda: a @ b, backend, 3, 10)
+    return 2 * n ** 3 / seconds
+
+
+# ---- decode and prefill ------------------------------------------------------------------------------------------
+
+def count_routed_experts(backend: Backend, run: Callable[[], Any]) -> list[int] | None:
+    """Distinct experts each layer's routing picked in one eager run, seen through backend.route (None when the
+    backend's moe does not go through route)."""
+    picked: list[torch.Tensor] = []
+    route = backend.route
+
+    def counting(router_logits, bias, top_k):
+        weights, ids = route(router_logits, bias, top_k)
+        picked.append(ids)
+        return weights, ids
+
+    backend.route = counting  # an instance attribute shadows the method for this one run
+    try:
+        run()
+    finally:
+        del backend.route
+    return [int(ids.unique().numel()) for ids in picked] or None
+
+
+def decode_bytes(model: MiniMaxM2Model, distinct: list[int], seq_lens: list[int], kv_elem: int) -> int:
+    """What one decode step must read (see the module docstring)."""
+    cfg, w = model.config, model.weights
+    total = nbytes(w.lm_head) + nbytes(w.norm) + len(seq_lens) * cfg.hidden_size * w.embed.element_size()
+    kv_per_token = 2 * cfg.num_kv_heads * cfg.head_dim * kv_elem
+    for layer, n in zip(w.layers, distinct):
+        fixed = nbytes([layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.input_norm, layer.q_norm,
+                        layer.k_norm, layer.post_attention_norm, layer.router, layer.router_bias])
+        total += fixed + n * nbytes(layer.experts) // cfg.num_experts + sum(seq_lens) * kv_per_token
+    return total
+
+
+def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
+    h, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    params = h * q_dim * 2 + 2 * h * kv_dim + cfg.num_experts * h + cfg.top_k * 3 * h * cfg.intermediate_size
+    attention = 2 * 2 * q_dim * tokens * (tokens + 1) / 2
+    return cfg.num_layers * (2 * tokens * params + attention) + 2 * h * cfg.vocab_size
+
+
+class Bench:
+    def __init__(self, run: RunConfig, backend: Backend, plan: Plan, seed: int, progress: Callable[[], None]) -> None:
+        self.plan = plan
+        self.backend = backend
+        self.block_size = run.kv_block_size or backend.capabilities.kv_block_sizes[0]
+        self.cfg = cfg = model_config(SMALL if plan.small else M2, plan.layers)
+        backend.check_model(_spec(cfg, run.dtype, self.block_size, plan.fp8))
+        self.seed = seed
+        self.gen = torch.Generator().manual_seed(seed)
+        self.copy_bw = copy_bandwidth(backend, 64 << 20 if plan.small else 2 * GiB)
+        progress()
+        self.matmul = matmul_flops(backend, 512 if plan.small else 8192)
+        progress()
+        self.synthetic = SyntheticWeights(cfg, backend, plan.fp8, seed)
+        self.model = MiniMaxM2Model(cfg, self.synthetic.model(progress), backend)
+        self.max_seq = plan.context + 1
+        decode_blocks = max(plan.batches) * -(-self.max_seq // self.block_size)
+        prefill_blocks = -(-plan.prefill_tokens // self.block_size)
+        self.cache = PagedKVCache(backend, plan.layers, max(decode_blocks, prefill_blocks), self.block_size,
+                                  cfg.num_kv_heads, cfg.head_dim)
+        self.decode_forward = backend.decode_runner(self.model.forward, max(plan.batches),
+                                                    -(-self.max_seq // self.block_size))
+
+    def _tokens(self, n: int) -> list[int]:
+        return torch.randint(0, self.cfg.vocab_size, (n,), generator=self.gen).tolist()
+
+    @torch.inference_mode()
+    def decode(self, batch: int) -> dict[str, Any]:
+        plan, backend, model = self.plan, self.backend, self.model
+        seqs = [Sequence(self._tokens(self.max_seq), num_cached=plan.context) for _ in range(batch)]
+        try:
+            inputs = build_step(seqs, self.cache, backend.device)  # one new token per sequence at position C
+
+            def step(forward=self.decode_forward):
+                hidden = forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache.layers)
+                return model.compute_logits(hidden[inputs.last_token_rows])
+
+            distinct = count_routed_experts(backend, lambda: step(model.forward))
+            counted = distinct is not None
+            if not counted:
+                expected = self.cfg.num_experts * (1 - (1 - self.cfg.top_k / self.cfg.num_experts) ** batch)
+                distinct = [round(expected)] * self.cfg.num_layers
+            seconds = time_runs(step, backend, plan.warmup, plan.steps)
+        finally:
+            for seq in seqs:
+                self.cache.release(seq.block_table)
+        kv_elem = torch.empty((), dtype=backend.dtype).element_size()
+        read = decode_bytes(model, distinct, [self.max_seq] * batch, kv_elem)
+        return {"batch": batch, "context": plan.context, "step_ms": seconds * 1e3, "tokens_per_s": batch / seconds,
+                "distinct_experts_per_layer": statistics.mean(distinct), "experts_counted": counted,
+                "bytes_per_step": read, "achieved_bytes_per_s": read / seconds, "mbu": read / seconds / self.copy_bw}
+
+    @torch.inference_mode()
+    def prefill(self) -> dict[str, Any]:
+        plan, backend, model = self.plan, self.backend, self.model
+        seq = Sequence(self._tokens(plan.prefill_tokens))
+        try:
+            inputs = build_step([seq], self.cache, backend.device)
+
+            def step():
+                hidden = model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache.layers)
+                return model.compute_logits(hidden[inputs.last_token_rows])
+
+            seconds = time_runs(step, backend, max(1, plan.warmup // 2), max(2, plan.steps // 4))
+        finally:
+            self.cache.release(seq.block_table)
+        flops = prefill_flops(self.cfg, plan.prefill_tokens)
+        return {"tokens": plan.prefill_tokens, "ms": seconds * 1e3, "tokens_per_s": plan.prefill_tokens / seconds,
+                "flops": flops, "flops_per_s": flops / seconds, "mfu": flops / seconds / self.matmul}
+
+
+# ---- transformers on the same weights ---------------------------------------------------------------------------
+
+class TransformersModel:
+    """transformers' MiniMaxM2ForCausalLM holding the very tensors of the synthetic model (no copy): sdpa attention,
+    its grouped_mm experts where available, a DynamicCache filled with zeros to the context length."""
+
+    def __init__(self, bench: Bench) -> None:
+        from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
+        from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2RotaryEmbedding
+
+        cfg, device = bench.cfg, bench.backend.device
+        self.device, self.cfg, self.backend = device, cfg, bench.backend
+        hf_cfg = MiniMaxM2Config(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, num_local_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.top_k, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+            max_position_embeddings=cfg.max_position_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+            tie_word_embeddings=False)
+        hf_cfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            model = MiniMaxM2ForCausalLM(hf_cfg)
+        model.load_state_dict(bench.synthetic.hf, strict=True, assign=True)
+        model.model.rotary_emb = MiniMaxM2RotaryEmbedding(hf_cfg).to(device)  # non-persistent buffers
+        self.experts_implementation = "eager"
+        try:
+            model.set_experts_implementation("grouped_mm")
+            self.experts_implementation = "grouped_mm"
+        except Exception:  # noqa: BLE001 - older transformers or torch: keep its eager loop
+            pass
+        self.model = model.eval()
+
+    @torch.inference_mode()
+    def decode(self, batch: int, context: int, warmup: int, steps: int) -> float:
+        from transformers import DynamicCache
+
+        cfg = self.cfg
+        cache = DynamicCache(config=self.model.config)
+        zeros = torch.zeros(batch, cfg.num_kv_heads, context, cfg.head_dim, dtype=self.backend.dtype, device=self.device)
+        for layer in range(cfg.num_layers):
+            cache.update(zeros, zeros, layer)
+        ids = torch.randint(0, cfg.vocab_size, (batch, 1), device=self.device)
+        positions = torch.full((batch, 1), context, device=self.device)
+
+        def step():
+            out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.crop(-1)  # drop the token just added: every timed step decodes at the same context
+            return out.logits
+
+        return time_runs(step, self.backend, warmup, steps)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: int, warmup: int, steps: int) -> float:
+        ids = torch.randint(0, self.cfg.vocab_size, (1, tokens), device=self.device)
+        return time_runs(lambda: self.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits,
+                         self.backend, warmup, steps)
+
+
+# ---- sizing, report ------------------------------------------------------------------------------------------------
+
+def fit_layers(dims: dict[str, int], backend: Backend, plan: Plan, block_size: int) -> tuple[int, str]:
+    """As many layers as the device's free memory holds with the KV cache for the largest batch (and transformers'
+    own cache with --compare), keeping room for activations. (layers, how it was decided)."""
+    free = backend.device_info()["memory_free"]
+    if free is None:
+        return (dims["num_layers"] if plan.small else 2), "default (device memory unknown)"
+    h, e, i, v = dims["hidden_size"], dims["num_experts"], dims["intermediate_size"], dims["vocab_size"]
+    q_dim, kv_dim = dims["num_heads"] * dims["head_dim"], dims["num_kv_heads"] * dims["head_dim"]
+    elem = torch.empty((), dtype=backend.dtype).element_size()
+    expert_elem = 1 if plan.fp8 and backend.capabilities.fp8_weights else elem
+    weights = (2 * h * q_dim + 2 * h * kv_dim) * (expert_elem if plan.fp8 else elem) + 3 * h * i * e * expert_elem + 4 * e * h
+    tokens = max(max(plan.batches) * -(-(plan.context + 1) // block_size) * block_size, plan.prefill_tokens)
+    kv = 2 * kv_dim * elem * tokens
+    if plan.compare:
+        kv += 2 * kv_dim * elem * max(plan.batches) * (plan.context + 1)
+    reserve = 2 * v * h * elem + 6 * GiB + free // 20
+    layers = int((free - reserve) // (weights + kv))
+    if layers < 1:
+        raise MoerunError(f"bench: not even one layer fits in {free / GiB:.1f} GiB free; "
+                          "lower --batches/--context or use --layers")
+    return min(layers, dims["num_layers"]), f"fit in {free / GiB:.1f} GiB free"
+
+
+def _fmt_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[c])) for r in [headers, *rows]) for c in range(len(headers))]
+    line = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def report(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"moerun bench  {result['date']}  {result['command']}",
+             f"device: {m['device']}  backend: {m['backend']}",
+             f"model: {result['model']['name']}, {result['model']['layers']} of {result['model']['full_layers']} layers "
+             f"({result['model']['layers_reason']}), weights {result['model']['weights']}, dtype {result['model']['dtype']}",
+             f"copy bandwidth {m['copy_bandwidth_gb_s']:.1f} GB/s (read + write)   "
+             f"{result['model']['dtype']} matmul {m['matmul_tflops']:.4g} TFLOP/s", ""]
+    compare = result.get("transformers")
+    headers = ["batch", "context", "step ms", "tok/s", "experts/layer", "GB/step", "GB/s", "MBU"]
+    if compare:
+        headers += ["hf step ms", "hf tok/s", "speedup"]
+    rows = []
+    for d in result["decode"]:
+        row = [d["batch"], d["context"], f"{d['step_ms']:.3f}", f"{d['tokens_per_s']:.1f}",
+               f"{d['distinct_experts_per_layer']:.1f}" + ("" if d["experts_counted"] else " (expected)"),
+               f"{d['bytes_per_step'] / 1e9:.3f}", f"{d['achieved_bytes_per_s'] / 1e9:.1f}", f"{100 * d['mbu']:.1f}%"]
+        if compare:
+            hf = next(x for x in compare["decode"] if x["batch"] == d["batch"])
+            row += [f"{hf['step_ms']:.3f}", f"{hf['tokens_per_s']:.1f}", f"{d['tokens_per_s'] / hf['tokens_per_s']:.2f}x"]
+        rows.append(row)
+    lines += ["decode", _fmt_table(headers, rows), ""]
+    p = result["prefill"]
+    headers = ["tokens", "ms", "tok/s", "TFLOP", "TFLOP/s", "MFU"]
+    row = [p["tokens"], f"{p['ms']:.2f}", f"{p['tokens_per_s']:.1f}", f"{p['flops'] / 1e12:.4g}",
+           f"{p['flops_per_s'] / 1e12:.4g}", f"{100 * p['mfu']:.1f}%"]
+    if compare:
+        headers += ["hf ms", "speedup"]
+        row += [f"{compare['prefill']['ms']:.2f}", f"{compare['prefill']['ms'] / p['ms']:.2f}x"]
+    lines += ["prefill", _fmt_table(headers, [row])]
+    return "\n".join(lines)
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MoerunError(f"{option}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise MoerunError(f"{option}: expected positive integers, got {text!r}")
+    return values
+
+
+@click.command()
+@click.option("-c", "--config", type=str, default=None,
+              help="YAML target: its backend, backend options, dtype and KV block size (default: the embedded demo).")
+@click.option("--small/--full", default=None, help="Miniature dimensions (default: on CPU devices) or MiniMax-M2's.")
+@click.option("--layers", type=click.IntRange(1), default=None, help="Decoder layers (default: as many as fit).")
+@click.option("--batches", default=None, help="Decode batch sizes [default: 1,8,64,256; small: 1,8,64].")
+@click.option("--context", type=click.IntRange(1), default=None, help="Decode context per sequence [2048; small: 64].")
+@click.option("--prefill-tokens", type=click.IntRange(1), default=None, help="Prefill length [8192; small: 256].")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Timed runs per measurement [20; small: 3].")
+@click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed runs first [5; small: 1].")
+@click.option("--fp8", is_flag=True, help="Synthetic weights in the M2 release's FP8 block format (128x128, e4m3).")
+@click.option("--compare", type=click.Choice(["transformers"]), default=None,
+              help="Also time transformers' MiniMaxM2ForCausalLM on the same weights and inputs.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="JSON results file [bench_results/bench-<time>.json].")
+@click.option("--seed", type=int, default=0, show_default=True)
+def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare, out, seed):
+    """Decode and prefill speed of a synthetic MiniMax-M2, with MBU and MFU measured against this device."""
+    config = config or str(resources.files("moerun.configs") / "demo.yaml")
+    run = load_run_config(config)
+    if compare and fp8:
+        raise MoerunError("--compare transformers runs the float weights; drop --fp8")
+    backend_cls = get_backend_class(run.backend)
+    backend = backend_cls(run.backend_options, run.dtype)
+    small = backend.device.type == "cpu" if small is None else small
+    default_batches = [1, 8, 64] if small else [1, 8, 64, 256]
+    plan = Plan(small=small, layers=0, batches=_ints(batches, "--batches") if batches else default_batches,
+                context=context or (64 if small else 2048), prefill_tokens=prefill_tokens or (256 if small else 8192),
+                steps=steps or (3 if small else 20), warmup=warmup if warmup is not None else (1 if small else 5),
+                fp8=fp8, compare=compare)
+    dims = SMALL if small else M2
+    if layers:
+        plan.layers, reason = min(layers, dims["num_layers"]), "--layers"
+    else:
+        plan.layers, reason = fit_layers(dims, backend, plan, run.kv_block_size or backend.capabilities.kv_block_sizes[0])
+    total = 2 + plan.layers + len(plan.batches) + 1 + (len(plan.batches) + 2 if compare else 0)
+    with click.progressbar(length=total, label="bench", file=sys.stderr) as bar:
+        b = Bench(run, backend, plan, seed, lambda: bar.update(1))
+        decode = []
+        for batch in plan.batches:
+            decode.append(b.decode(batch))
+            bar.update(1)
+        prefill = b.prefill()
+        bar.update(1)
+        hf = None
+        if compare:
+            model = TransformersModel(b)
+            bar.update(1)
+            hf = {"experts_implementation": model.experts_implementation, "decode": []}
+            for batch in plan.batches:
+                seconds = model.decode(batch, plan.context, plan.warmup, plan.steps)
+                hf["decode"].append({"batch": batch, "step_ms": seconds * 1e3, "tokens_per_s": batch / seconds})
+                bar.update(1)
+            seconds = model.prefill(plan.prefill_tokens, max(1, plan.warmup // 2), max(2, plan.steps // 4))
+            hf["prefill"] = {"ms": seconds * 1e3, "tokens_per_s": plan.prefill_tokens / seconds}
+            bar.update(1)
+    result = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "moerun bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "machine": {"device": b.backend.device_info()["name"],
+                    "backend": b.backend.describe(), "host": platform.node(), "python": platform.python_version(),
+                    "torch": torch.__version__, "copy_bandwidth_gb_s": b.copy_bw / 1e9,
+                    "matmul_tflops": b.matmul / 1e12},
+        "model": {"name": "MiniMax-M2 miniature" if small else "MiniMax-M2 dimensions", "dims": dims,
+                  "layers": plan.layers, "full_layers": dims["num_layers"], "layers_reason": reason,
+                  "weights": "fp8 block 128x128" + ("" if b.backend.capabilities.fp8_weights else ", dequantized at load")
+                  if fp8 else str(run.dtype).removeprefix("torch."), "dtype": str(run.dtype).removeprefix("torch."),
+                  "kv_block_size": b.block_size},
+        "plan": dataclasses.asdict(plan),
+        "decode": decode,
+        "prefill": prefill,
+    }
+    if hf:
+        result["transformers"] = hf
+    click.echo(report(result))
+    path = Path(out) if out else Path("bench_results") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(f"\nwrote {path}")
