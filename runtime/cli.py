@@ -6,6 +6,7 @@ exit code 2; `--debug` anywhere on the line shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -32,12 +33,16 @@ def load_engine(config: str | None, num_layers: int | None = None, label: str = 
     from moerun.runtime.engine import Engine
 
     run: RunConfig = load_run_config(config or demo_config_path())
-    from moerun.runtime.engine import resolve_model_folder
-    from moerun.runtime.model_config import load_model_config
+    with contextlib.ExitStack() as stack:
+        bar = None
 
-    total = num_layers or run.num_layers or load_model_config(resolve_model_folder(run.model_path)).num_layers
-    with click.progressbar(length=total, label=f"{label} {run.backend}", file=sys.stderr) as bar:
-        return Engine(run, num_layers=num_layers, progress=lambda _: bar.update(1))
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = stack.enter_context(click.progressbar(length=total, label=f"{label} {run.backend}", file=sys.stderr))
+            bar.update(1)
+
+        return Engine(run, num_layers=num_layers, progress=progress)
 
 
 def parse_token_ids(text: str) -> list[int]:

@@ -32,7 +32,7 @@ def resolve_model_folder(model_path: str) -> Path:
 
 class Engine:
     def __init__(self, run: RunConfig, num_layers: int | None = None,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.run = run
         self.folder = resolve_model_folder(run.model_path)
         self.config = cfg = load_model_config(self.folder)
@@ -58,7 +58,7 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: str | Path | RunConfig, num_layers: int | None = None,
-                    progress: Callable[[int], None] | None = None) -> Engine:
+                    progress: Callable[[int, int], None] | None = None) -> Engine:
         run = config if isinstance(config, RunConfig) else load_run_config(config)
         return cls(run, num_layers=num_layers, progress=progress)
 

@@ -119,13 +119,14 @@ class WeightLoader:
         self.keep_fp8 = cfg.fp8_block is not None and backend.capabilities.fp8_weights
         self.dequant_device = backend.device if backend.capabilities.dequantize_on_device else torch.device("cpu")
 
-    def load(self, num_layers: int, progress: Callable[[int], None] | None = None) -> ModelWeights:
+    def load(self, num_layers: int, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
+        """progress(layers_done, num_layers) after each layer."""
         validate_checkpoint(self.ckpt, self.cfg, num_layers)
         layers = []
         for i in range(num_layers):
             layers.append(self._layer(i))
             if progress:
-                progress(i)
+                progress(i + 1, num_layers)
         embed = self._dense("model.embed_tokens.weight")
         lm_head = (self.backend.prepare_linear(LinearWeight(embed)) if self.cfg.tie_word_embeddings
                    else self._linear("lm_head"))
