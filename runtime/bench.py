@@ -45,6 +45,7 @@ from moerun.runtime.kv_cache import PagedKVCache
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.run_config import RunConfig, load_run_config
+from moerun.runtime.table import format_table
 from moerun.runtime.weights import LayerWeights, ModelWeights
 
 GiB = 1 << 30
@@ -403,12 +404,6 @@ def fit_layers(dims: dict[str, int], backend: Backend, plan: Plan, block_size: i
     return min(layers, dims["num_layers"]), f"fit in {free / GiB:.1f} GiB free"
 
 
-def _fmt_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[c])) for r in [headers, *rows]) for c in range(len(headers))]
-    line = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
 def report(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"moerun bench  {result['date']}  {result['command']}",
@@ -430,7 +425,7 @@ def report(result: dict[str, Any]) -> str:
             hf = next(x for x in compare["decode"] if x["batch"] == d["batch"])
             row += [f"{hf['step_ms']:.3f}", f"{hf['tokens_per_s']:.1f}", f"{d['tokens_per_s'] / hf['tokens_per_s']:.2f}x"]
         rows.append(row)
-    lines += ["decode", _fmt_table(headers, rows), ""]
+    lines += ["decode", format_table(headers, rows, align="right"), ""]
     p = result["prefill"]
     headers = ["tokens", "ms", "tok/s", "TFLOP", "TFLOP/s", "MFU"]
     row = [p["tokens"], f"{p['ms']:.2f}", f"{p['tokens_per_s']:.1f}", f"{p['flops'] / 1e12:.4g}",
@@ -438,7 +433,7 @@ def report(result: dict[str, Any]) -> str:
     if compare:
         headers += ["hf ms", "speedup"]
         row += [f"{compare['prefill']['ms']:.2f}", f"{compare['prefill']['ms'] / p['ms']:.2f}x"]
-    lines += ["prefill", _fmt_table(headers, [row])]
+    lines += ["prefill", format_table(headers, [row], align="right")]
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from moerun.runtime.errors import MoerunError
 from moerun.runtime.parity import Thresholds, compare_logits, compare_stages
 from moerun.runtime.run_config import RunConfig, load_run_config
+from moerun.runtime.table import format_table
 
 EXIT_BAD_INPUT = 2
 
@@ -56,12 +57,7 @@ def parse_token_ids(text: str) -> list[int]:
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    click.echo(line(headers))
-    click.echo("  ".join("-" * w for w in widths))
-    for r in rows:
-        click.echo(line(r))
+    click.echo(format_table(headers, rows))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
