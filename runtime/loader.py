@@ -84,7 +84,8 @@ def validate_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, num_layers: int) -> 
     for name in sorted(ckpt.names()):
         m = _LAYER.match(name)
         skipped_layer = m is not None and int(m.group(1)) >= num_layers  # MTP layers, or beyond a smoke cut
-        if name not in expected and not skipped_layer and not _IGNORED.search(name):
+        tied_copy = cfg.tie_word_embeddings and name == "lm_head.weight"  # some exporters save the tied copy too
+        if name not in expected and not skipped_layer and not tied_copy and not _IGNORED.search(name):
             problems.append(f"{name}: unexpected tensor in {ckpt.file_of[name].name}")
     for name, (shape, dtype) in expected.items():
         if name not in ckpt.file_of:

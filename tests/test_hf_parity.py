@@ -72,3 +72,14 @@ def test_greedy_generation_matches_transformers_generate(hf_checkpoint, write_ya
         ref = model.float().generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
                                      pad_token_id=0, min_new_tokens=20)[0, len(prompt):].tolist()
     assert ours == ref
+
+
+def test_tied_word_embeddings(tmp_path, write_yaml):
+    """tie_word_embeddings: transformers saves no lm_head; the logits use the embedding matrix."""
+    import hf_checkpoints
+
+    model = hf_checkpoints.build_hf_model(dict(hf_checkpoints.SHAPES["gqa4_half_rope"], tie_word_embeddings=True), seed=4)
+    hf_checkpoints.save_hf_checkpoint(model, tmp_path / "tied")
+    ours = Engine.from_config(write_yaml(run_yaml(tmp_path / "tied"))).logits(TOKENS[:8])
+    ref = hf_logits(model.float(), TOKENS[:8])
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
