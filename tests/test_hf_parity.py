@@ -83,3 +83,26 @@ def test_tied_word_embeddings(tmp_path, write_yaml):
     ours = Engine.from_config(write_yaml(run_yaml(tmp_path / "tied"))).logits(TOKENS[:8])
     ref = hf_logits(model.float(), TOKENS[:8])
     assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_release_style_config_json_keeps_partial_rope(hf_checkpoint, write_yaml, tmp_path):
+    """The M2 release's config.json has only the legacy rotary_dim (no rope_parameters) and remote-code fields.
+    Dropping rotary_dim would silently turn partial RoPE into full RoPE (transformers#48241): logits must stay."""
+    import json
+    import shutil
+
+    folder, model = hf_checkpoint("gqa4_half_rope", torch.float32)
+    legacy = tmp_path / "legacy"
+    shutil.copytree(folder, legacy)
+    cfg = json.loads((legacy / "config.json").read_text())
+    theta = cfg.pop("rope_parameters")["rope_theta"]
+    cfg.update(rope_theta=theta, rotary_dim=8, torch_dtype="float32", transformers_version="4.46.1",
+               attn_type_list=[1, 1], use_qk_norm=True, qk_norm_type="per_layer", scoring_func="sigmoid",
+               use_routing_bias=True, shared_intermediate_size=0, use_mtp=True, num_mtp_modules=3,
+               auto_map={"AutoConfig": "configuration_minimax_m2.MiniMaxM2Config"})
+    cfg.pop("dtype", None)
+    (legacy / "config.json").write_text(json.dumps(cfg))
+    ours = Engine.from_config(write_yaml(run_yaml(legacy))).logits(TOKENS)
+    ref = hf_logits(model.float(), TOKENS)
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert Engine.from_config(write_yaml(run_yaml(legacy))).config.rotary_dim == 8
