@@ -19,6 +19,9 @@ SHAPES = {
                           intermediate_size=24, num_local_experts=4, num_experts_per_tok=1, num_hidden_layers=2),
     "gqa6_quarter_rope": dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=2, head_dim=32, rotary_dim=8,
                               intermediate_size=40, num_local_experts=16, num_experts_per_tok=4, num_hidden_layers=3),
+    # MiniMax-M2's attention geometry at toy width: head_dim 128 with half of it rotated (Ascend's native FIA size).
+    "m2_like": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=128, rotary_dim=64,
+                    intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2),
 }
 
 

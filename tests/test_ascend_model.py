@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_yaml
-from hf_checkpoints import build_hf_model, hf_logits, save_hf_checkpoint
+from hf_checkpoints import hf_logits
 
 from moerun.runtime.batch import Sequence
 from moerun.runtime.cli import main
@@ -18,27 +18,12 @@ from moerun.runtime.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = [1, 17, 42, 5, 99, 3, 150, 7, 7, 7, 200, 64, 11, 0, 123, 45, 46, 47, 8, 2, 190, 33, 12]
-# MiniMax-M2's attention geometry at toy width: head_dim 128 (FIA's native TND size, no padding), half of it
-# rotated. The shared shapes (head_dim 16, 12, 32) exercise the zero-padded path.
-M2_LIKE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=128, rotary_dim=64,
-               intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
-
-
+# "m2_like" has MiniMax-M2's attention geometry (head_dim 128: FIA's native TND size, no padding); the other
+# shared shapes (head_dim 16, 12, 32) exercise the zero-padded path.
 @pytest.fixture(scope="module")
-def checkpoint(hf_checkpoint, tmp_path_factory):
-    """checkpoint(shape, dtype, seed) -> (folder, transformers model); the shared shapes, or "m2_like"."""
-    made = {}
-
-    def make(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0):
-        if shape != "m2_like":
-            return hf_checkpoint(shape, dtype, seed)
-        if (dtype, seed) not in made:
-            model = build_hf_model(M2_LIKE, seed=seed)
-            folder = tmp_path_factory.mktemp(f"m2_like_{str(dtype).split('.')[-1]}_{seed}")
-            made[(dtype, seed)] = (save_hf_checkpoint(model, folder, dtype), model)
-        return made[(dtype, seed)]
-
-    return make
+def checkpoint(hf_checkpoint):
+    """checkpoint(shape, dtype, seed) -> (folder, transformers model), shapes from hf_checkpoints.SHAPES."""
+    return hf_checkpoint
 
 
 def ascend_yaml(folder, dtype="float32"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import run_yaml
-from hf_checkpoints import build_hf_model, hf_logits, save_hf_checkpoint
+from hf_checkpoints import hf_logits
 from npu_host import NPU, requires_npu
 
 from moerun.runtime.batch import Sequence
@@ -18,26 +18,11 @@ from moerun.runtime.errors import UnsupportedModelError
 from moerun.runtime.parity import compare_logits
 
 TOKENS = [1, 17, 42, 5, 99, 3, 150, 7, 7, 7, 200, 64, 11, 0, 123, 45, 46, 47, 8, 2, 190, 33, 12]
-M2_LIKE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=128, rotary_dim=64,
-               intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
-
-pytestmark = requires_npu
-
-
 @pytest.fixture(scope="module")
-def checkpoint(hf_checkpoint, tmp_path_factory):
-    made = {}
-
-    def make(shape: str, dtype: torch.dtype = torch.bfloat16, seed: int = 3):
-        if shape != "m2_like":
-            return hf_checkpoint(shape, dtype, seed)
-        if (dtype, seed) not in made:
-            model = build_hf_model(M2_LIKE, seed=seed)
-            folder = tmp_path_factory.mktemp(f"npu_m2_like_{seed}")
-            made[(dtype, seed)] = (save_hf_checkpoint(model, folder, dtype), model)
-        return made[(dtype, seed)]
-
-    return make
+def checkpoint(hf_checkpoint):
+    """checkpoint(shape, dtype=bfloat16, seed=3) -> (folder, transformers model), shapes from hf_checkpoints.SHAPES.
+    bfloat16 by default: the NPU's attention kernel takes fp16/bf16 only."""
+    return lambda shape, dtype=torch.bfloat16, seed=3: hf_checkpoint(shape, dtype, seed)
 
 
 def npu_yaml(folder, device, dtype="bfloat16"):
