@@ -18,6 +18,10 @@ from moerun.runtime.errors import UnsupportedModelError
 from moerun.runtime.parity import compare_logits
 
 TOKENS = [1, 17, 42, 5, 99, 3, 150, 7, 7, 7, 200, 64, 11, 0, 123, 45, 46, 47, 8, 2, 190, 33, 12]
+
+pytestmark = requires_npu
+
+
 @pytest.fixture(scope="module")
 def checkpoint(hf_checkpoint):
     """checkpoint(shape, dtype=bfloat16, seed=3) -> (folder, transformers model), shapes from hf_checkpoints.SHAPES.
