@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from moerun.backends.base import AttentionMetadata
-from moerun.backends.cuda.triton_utils import mma, next_pow2, to_dtype
+from moerun.backends.cuda.device import max_shared_memory
+from moerun.backends.cuda.triton_utils import INTERPRETING, mma, next_pow2, to_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -83,19 +84,28 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_ptr
 @triton.jit
 def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, num_splits, head_dim,
                          stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Partials are summed CHUNK_S at a time: a whole [BLOCK_S, BLOCK_D] fp32 tile (hundreds of partitions at batch
+    1) would not fit in registers."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + s, mask=s < num_splits, other=float("-inf"))
-    live = lse > float("-inf")
+    lse_row = lse_ptr + b * stride_lb + h * stride_lh
+    lse = tl.load(lse_row + s, mask=s < num_splits, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m > float("-inf"), m, 0.0)  # no live partition: a padded row, output 0
-    w = tl.where(live, tl.exp2(lse - m), 0.0)
-    parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
-                    mask=live[:, None] & (d[None, :] < head_dim), other=0.0)
-    out = tl.sum(parts * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
+    total = tl.sum(tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0), axis=0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    c = tl.arange(0, CHUNK_S)
+    for s0 in range(0, num_splits, CHUNK_S):
+        lse_c = tl.load(lse_row + s0 + c, mask=s0 + c < num_splits, other=float("-inf"))
+        live = lse_c > float("-inf")
+        w = tl.where(live, tl.exp2(lse_c - m), 0.0)
+        parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + (s0 + c)[:, None] * stride_ps + d[None, :],
+                        mask=live[:, None] & (d[None, :] < head_dim), other=0.0)
+        acc += tl.sum(parts * w[:, None], axis=0)
+    out = acc / tl.maximum(total, 1e-30)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, to_dtype(out, out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
@@ -139,7 +149,8 @@ def decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale:
     if not final:
         _decode_merge_kernel[(batch, num_q)](
             part, lse, out, splits, head_dim, *part_strides, out.stride(0), out.stride(1),
-            BLOCK_S=next_pow2(splits), BLOCK_D=next_pow2(head_dim), num_warps=4)
+            BLOCK_S=next_pow2(splits), CHUNK_S=min(next_pow2(splits), max(1, 4096 // next_pow2(head_dim))),
+            BLOCK_D=next_pow2(head_dim), num_warps=4)
     return out
 
 
@@ -209,6 +220,31 @@ def _prefill_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, starts_ptr, out_
              mask=r_ok[:, None] & d_ok[None, :])
 
 
+PREFILL_STAGES = 2
+
+
+def tile_smem(rows: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
+    """Shared memory of an attention program: its Q tile and `stages` K and V tiles (sm_90 compiles of these
+    kernels measured at most that)."""
+    block_d = max(16, next_pow2(head_dim))
+    return (rows + 2 * stages * block_n) * block_d * elem_bytes
+
+
+def prefill_tiles(longest: int, head_dim: int, elem_bytes: int, smem_limit: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the prefill kernel. fp32 and head_dim > 128 tiles are twice the bytes: smaller; and
+    narrower still where the device's shared memory per block is smaller than the tiles (fp32 with head_dim 256
+    on a 99 KiB GPU), since Triton refuses such a launch."""
+    wide = elem_bytes <= 2 and head_dim <= 128
+    block_m = 128 if longest >= 128 and wide else 64
+    block_n = 64 if wide else 32
+    while tile_smem(block_m, block_n, head_dim, elem_bytes, PREFILL_STAGES) > smem_limit and block_m > 16:
+        if block_n > 16:
+            block_n //= 2
+        else:
+            block_m //= 2
+    return block_m, block_n
+
+
 def prefill(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, Hq, D] packed by meta.query_start_loc; any mix of new prompts, prompt chunks and decode tokens."""
     num_tokens, num_q, head_dim = q.shape
@@ -217,10 +253,8 @@ def prefill(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale
     if num_tokens == 0:
         return out
     longest = meta.max_query_len
-    wide = q.element_size() <= 2 and head_dim <= 128  # fp32 tiles are twice the bytes: smaller, to fit shared memory
-    block_m = 128 if longest >= 128 and wide else 64
-    block_n = 64 if wide else 32
-    if q.device.type != "cuda":
+    block_m, block_n = prefill_tiles(longest, head_dim, q.element_size(), max_shared_memory(q.device))
+    if INTERPRETING:
         block_m = max(16, min(64, next_pow2(longest)))  # the interpreter's cost is per program: fewer, fuller tiles
     tables = meta.block_tables
     grid = (math.ceil(longest / block_m), meta.num_seqs, num_q)
@@ -229,5 +263,5 @@ def prefill(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale
         block_size, q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         tables.stride(0), out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(head_dim)),
-        num_warps=8 if block_m == 128 else 4, num_stages=2)
+        num_warps=8 if block_m == 128 else 4, num_stages=PREFILL_STAGES)
     return out

@@ -3,6 +3,7 @@ imports every backend class on machines without a GPU or Triton."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -62,6 +63,20 @@ def supports_fp8(device: torch.device) -> bool:
 def supports_bf16(device: torch.device) -> bool:
     cc = compute_capability(device)
     return cc is None or cc >= (8, 0)
+
+
+# Shared memory one block may use on an H100 (227 KiB, opt-in); the interpreter plans tiles as for an H100.
+H100_SHARED_MEMORY = 232448
+
+
+@functools.lru_cache(maxsize=None)
+def max_shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one block may use (what Triton checks a compiled kernel against at launch):
+    227 KiB on Hopper, 163 KiB on A100, 99 KiB on sm86/sm89 (RTX 30xx/40xx, L4, L40S)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
+    return H100_SHARED_MEMORY
 
 
 def num_sms(device: torch.device) -> int:

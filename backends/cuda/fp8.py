@@ -9,6 +9,7 @@ import torch
 
 from moerun.backends.base import LinearWeight
 from moerun.backends.cuda import gemm
+from moerun.backends.cuda.device import max_shared_memory
 from moerun.backends.cuda.triton_utils import INTERPRETING, next_pow2
 from moerun.runtime.errors import UnsupportedModelError
 
@@ -41,6 +42,6 @@ def linear(x: torch.Tensor, w: Fp8Linear) -> torch.Tensor:
     rows = x.shape[0]
     out = torch.empty(rows, w.weight.shape[0], dtype=x.dtype, device=x.device)
     if rows:
-        cfg = gemm.pick_config(rows, w.block[1], INTERPRETING, x.element_size())
+        cfg = gemm.pick_config(rows, w.block[1], INTERPRETING, x.element_size(), max_shared_memory(x.device))
         gemm.dense_fp8(x if x.stride(-1) == 1 else x.contiguous(), w.weight, w.scale_inv, w.block, out, cfg)
     return out

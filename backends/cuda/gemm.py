@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moerun.backends.cuda.device import H100_SHARED_MEMORY
 from moerun.backends.cuda.routing import Dispatch
 from moerun.backends.cuda.triton_utils import mma, quantize_fp8_rows, round_as, to_dtype
 
@@ -93,20 +94,50 @@ class GemmConfig:
     num_stages: int
 
 
+def stage_bytes(block_m: int, block_n: int, block_k: int, act_bytes: int, w_bytes: int, gated: bool) -> int:
+    """Shared memory of one pipeline stage: an A tile and one (gated: two) W tiles."""
+    return block_m * block_k * act_bytes + block_k * block_n * w_bytes * (2 if gated else 1)
+
+
+def smem_estimate(cfg: GemmConfig, act_bytes: int, w_bytes: int, gated: bool = True) -> int:
+    """An upper bound of the kernel's shared memory: num_stages copies of a stage (sm_90 compiles of this kernel
+    measured at most that, e.g. 139264 <= 3 x 49152 bytes for M2's FP8 gate/up tiles 64x128x128)."""
+    return max(cfg.num_stages, 1) * stage_bytes(cfg.block_m, cfg.block_n, cfg.block_k, act_bytes, w_bytes, gated)
+
+
 def pick_config(rows_per_group: float, fp8_block_k: int | None, interpreted: bool = False,
-                act_bytes: int = 2) -> GemmConfig:
+                act_bytes: int = 2, smem_limit: int = H100_SHARED_MEMORY) -> GemmConfig:
     """Tile sizes from the expected rows per expert (or all rows for a dense matmul). Decode has ~1-8 rows per
     expert: thin M tiles, weights streamed. fp32 activations and weights (act_bytes 4) get half-deep K tiles and
-    two stages, to stay inside shared memory. Untuned heuristics: unmeasured on a GPU when written."""
+    two stages, to stay inside shared memory. Untuned heuristics: unmeasured on a GPU when written.
+
+    The tiles must fit smem_limit (the device's shared memory per block; Triton refuses a launch above it): where
+    they do not (99 KiB GPUs, FP8 blocks with bk = 256) fewer stages first (down to 2), then narrower N, then
+    thinner M tiles, then one stage. M2's tiles on an H100 fit as chosen. The estimate assumes the gated GEMM
+    (two W tiles), the larger of the two that share the config."""
     block_k = fp8_block_k or (64 if act_bytes <= 2 else 32)
     if interpreted:
         return GemmConfig(16, 64, block_k, 1, 1)
     stages = 4 if act_bytes <= 2 else 2
     if rows_per_group <= 16:
-        return GemmConfig(16, 64, block_k, 4, stages)
-    if rows_per_group <= 64:
-        return GemmConfig(32, 64 if fp8_block_k else 128, block_k, 4, stages)
-    return GemmConfig(64, 128, block_k, 4 if fp8_block_k else 8, min(stages, 3))
+        block_m, block_n, warps = 16, 64, 4
+    elif rows_per_group <= 64:
+        block_m, block_n, warps = 32, 64 if fp8_block_k else 128, 4
+    else:
+        block_m, block_n, warps, stages = 64, 128, 4 if fp8_block_k else 8, min(stages, 3)
+    w_bytes = 1 if fp8_block_k else act_bytes
+    while stages * stage_bytes(block_m, block_n, block_k, act_bytes, w_bytes, True) > smem_limit:
+        if stages > 2:
+            stages -= 1
+        elif block_n > 32:
+            block_n //= 2
+        elif block_m > 16:
+            block_m //= 2
+        elif stages > 1:
+            stages = 1
+        else:
+            break
+    return GemmConfig(block_m, block_n, block_k, warps, stages)
 
 
 def grouped(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, dispatch: Dispatch, cfg: GemmConfig, *,

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from moerun.backends.base import ExpertWeights
 from moerun.backends.cuda import gemm, routing
+from moerun.backends.cuda.device import max_shared_memory
 from moerun.backends.cuda.triton_utils import INTERPRETING, next_pow2, round_as, rows_per_program, to_dtype
 
 
@@ -82,7 +83,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w:
     num_pairs = num_tokens * top_k
     fp8 = w.w13_scale_inv is not None
     cfg = gemm.pick_config(num_pairs / max(1, min(num_experts, num_pairs)), w.block[1] if fp8 else None, INTERPRETING,
-                           x.element_size())
+                           x.element_size(), max_shared_memory(x.device))
     dispatch = routing.align(ids, num_experts, cfg.block_m)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     gemm.grouped(x, w.w13, h, dispatch, cfg, a_row_div=top_k, gated=True, scale=w.w13_scale_inv, block=w.block)

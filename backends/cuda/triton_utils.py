@@ -26,6 +26,8 @@ except ImportError:  # triton < 3.4 reads the variable directly
 _INTERPRETING = tl.constexpr(INTERPRETING)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# The smallest K of an fp8 tl.dot NVIDIA's compiler accepts (triton/backends/nvidia/compiler.py: min_dot_size)
+FP8_DOT_MIN_K = tl.constexpr(32)
 
 
 def next_pow2(n: int) -> int:
@@ -68,6 +70,10 @@ def mma(a, b, acc):
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     elif a.dtype == tl.float32:
         acc = tl.dot(a, b, acc, input_precision="ieee")
+    elif a.dtype.is_fp8() and a.shape[1] < FP8_DOT_MIN_K:
+        # NVIDIA's compiler refuses fp8 dots with K < 32 (triton/backends/nvidia/compiler.py: min_dot_size); every
+        # e4m3 / e5m2 value is exact in fp16, so the products (and the fp32 sums) are the same
+        acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
     else:
         acc = tl.dot(a, b, acc)
     return acc
