@@ -25,6 +25,34 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_tiles(q, m_i, l_i, acc, kv_base, tables_row, pos, lo, hi, scale_log2, block_size, stride_kv, stride_block,
+                  stride_tok, d_ok, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Online-softmax update over cached keys lo..hi-1; CAUSAL masks keys after each row's position."""
+    d = tl.arange(0, BLOCK_D)
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        page = tl.load(tables_row + n // block_size, mask=n_ok, other=0).to(tl.int64)
+        offs = page * stride_block + (n % block_size) * stride_tok
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(kv_base + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32)) * scale_log2
+        visible = n_ok[None, :]
+        if CAUSAL:
+            visible = visible & (n[None, :] <= pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(kv_base + stride_kv + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = mma(to_dtype(p, v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_ptr, lse_ptr,
                    scale_log2, group, head_dim, block_size, part_len,
                    stride_qb, stride_qh, stride_kv, stride_block, stride_head, stride_tok, stride_tb,
@@ -54,23 +82,10 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_ptr
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    kv_base = cache_ptr + kv_head * stride_head
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        page = tl.load(tables_ptr + b * stride_tb + n // block_size, mask=n_ok, other=0).to(tl.int64)
-        offs = page * stride_block + (n % block_size) * stride_tok
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(kv_base + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = mma(q, tl.trans(k), tl.zeros([BLOCK_G, BLOCK_N], tl.float32)) * scale_log2
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(kv_base + stride_kv + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = mma(to_dtype(p, v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    # A decode query sits after every cached key: no causal mask (pos is unused when CAUSAL is off).
+    m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, cache_ptr + kv_head * stride_head, tables_ptr + b * stride_tb, g,
+                                  start, end, scale_log2, block_size, stride_kv, stride_block, stride_tok, d_ok,
+                                  CAUSAL=False, BLOCK_M=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     out = acc / l_i[:, None]
     if FINAL:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], to_dtype(out, out_ptr.dtype.element_ty),
@@ -152,34 +167,6 @@ def decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale:
             BLOCK_S=next_pow2(splits), CHUNK_S=min(next_pow2(splits), max(1, 4096 // next_pow2(head_dim))),
             BLOCK_D=next_pow2(head_dim), num_warps=4)
     return out
-
-
-@triton.jit
-def _attend_tiles(q, m_i, l_i, acc, kv_base, tables_row, pos, lo, hi, scale_log2, block_size, stride_kv, stride_block,
-                  stride_tok, d_ok, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
-    """Online-softmax update over cached keys lo..hi-1; CAUSAL masks keys after each row's position."""
-    d = tl.arange(0, BLOCK_D)
-    for n0 in range(lo, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < hi
-        page = tl.load(tables_row + n // block_size, mask=n_ok, other=0).to(tl.int64)
-        offs = page * stride_block + (n % block_size) * stride_tok
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(kv_base + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32)) * scale_log2
-        visible = n_ok[None, :]
-        if CAUSAL:
-            visible = visible & (n[None, :] <= pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(kv_base + stride_kv + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = mma(to_dtype(p, v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
-    return m_i, l_i, acc
 
 
 @triton.jit
