@@ -179,8 +179,9 @@ def parity(configs, token_ids, prompts, max_abs_rel, mean_kl, max_kl, min_top1, 
     report = compare_logits(ref_logits, cand_logits, t)
     click.echo(f"A = {configs[0]}\nB = {configs[1]}")
     if per_layer:
-        common = {k: v for k, v in ref_stages.tensors().items() if k in cand_stages.stages}
-        diffs = compare_stages(common, {k: cand_stages.tensors()[k] for k in common}, route)
+        ref_t, cand_t = ref_stages.tensors(), cand_stages.tensors()
+        common = {k: v for k, v in ref_t.items() if k in cand_t}
+        diffs = compare_stages(common, {k: cand_t[k] for k in common}, route)
         print_table(["stage", "max |A-B| / max|A|", "cosine", "expert agreement"],
                     [[d.name, f"{d.max_abs_rel:.3e}", f"{d.cosine:.6f}",
                       "" if d.expert_agreement is None else f"{d.expert_agreement:.4f}"] for d in diffs])

@@ -297,7 +297,7 @@ else:
         folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)
         make_fp8_pair(folder, tmp_path / "fp8", tmp_path / "ref", (16, 16))
         engine = Engine.from_config(write_yaml(cuda_yaml(tmp_path / "fp8", fp8="off")))
-        assert not engine.backend.capabilities.fp8_weights and type(engine).__name__ == "Engine"
+        assert not engine.backend.capabilities.fp8_weights
         assert engine.model.weights.layers[0].experts.w13.dtype == torch.float32
         ours = engine.logits(TOKENS)
         ref = hf_logits(MiniMaxM2ForCausalLM.from_pretrained(tmp_path / "ref", dtype=torch.float32), TOKENS)

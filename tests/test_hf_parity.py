@@ -102,7 +102,8 @@ def test_release_style_config_json_keeps_partial_rope(hf_checkpoint, write_yaml,
                auto_map={"AutoConfig": "configuration_minimax_m2.MiniMaxM2Config"})
     cfg.pop("dtype", None)
     (legacy / "config.json").write_text(json.dumps(cfg))
-    ours = Engine.from_config(write_yaml(run_yaml(legacy))).logits(TOKENS)
+    engine = Engine.from_config(write_yaml(run_yaml(legacy)))
+    assert engine.config.rotary_dim == 8
+    ours = engine.logits(TOKENS)
     ref = hf_logits(model.float(), TOKENS)
     assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
-    assert Engine.from_config(write_yaml(run_yaml(legacy))).config.rotary_dim == 8
