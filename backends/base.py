@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from moerun.runtime.errors import ConfigError
+from moerun.backends.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -40,7 +40,7 @@ import torch
 from moerun.backends.base import Backend, ExpertWeights, LinearWeight, ModelSpec, get_backend_class
 from moerun.backends.cpu.ops import dequantize_fp8_block
 from moerun.runtime.batch import Sequence, build_step
-from moerun.runtime.errors import MoerunError
+from moerun.backends.errors import MoerunError
 from moerun.runtime.kv_cache import PagedKVCache
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import ModelConfig

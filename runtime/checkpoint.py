@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moerun.runtime.errors import CheckpointError
+from moerun.backends.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 

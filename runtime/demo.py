@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from tokenizers import pre_tokenizers
 
 from moerun.runtime.demo_corpus import CORPUS
-from moerun.runtime.errors import MoerunError
+from moerun.backends.errors import MoerunError
 
 if TYPE_CHECKING:
     import torch

@@ -11,7 +11,7 @@ import torch
 from moerun.backends.base import ModelSpec, get_backend_class
 from moerun.runtime.batch import Sequence, build_step
 from moerun.runtime.checkpoint import Checkpoint
-from moerun.runtime.errors import ConfigError, MoerunError
+from moerun.backends.errors import ConfigError, MoerunError
 from moerun.runtime.kv_cache import PagedKVCache
 from moerun.runtime.loader import WeightLoader
 from moerun.runtime.model import MiniMaxM2Model

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from moerun.backends.base import Backend
-from moerun.runtime.errors import MoerunError
+from moerun.backends.errors import MoerunError
 
 
 class PagedKVCache:

@@ -16,7 +16,7 @@ import torch
 from moerun.backends.base import Backend, ExpertWeights, LinearWeight
 from moerun.backends.cpu.ops import dequantize_fp8_block
 from moerun.runtime.checkpoint import Checkpoint
-from moerun.runtime.errors import CheckpointError
+from moerun.backends.errors import CheckpointError
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.shard_plan import ShardPlan
 from moerun.runtime.weights import LayerWeights, ModelWeights

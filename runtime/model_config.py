@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moerun.runtime.errors import CheckpointError
+from moerun.backends.errors import CheckpointError
 
 MODEL_TYPES = ("minimax_m2",)
 

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from moerun.backends.base import DTYPES, backend_names, get_backend_class
-from moerun.runtime.errors import ConfigError
+from moerun.backends.errors import ConfigError
 
 BUILTIN_DEMO = "builtin:demo"
 

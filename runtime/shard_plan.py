@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moerun.runtime.errors import ConfigError
+from moerun.backends.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from moerun.runtime.errors import CheckpointError, MoerunError
+from moerun.backends.errors import CheckpointError, MoerunError
 
 # The M2 end-of-message token. Generation stops on it even if a config forgets to list it.
 END_OF_MESSAGE = "[e~["

@@ -18,7 +18,7 @@ from moerun.backends.ascend import model_limits, npu_ops
 from moerun.backends.ascend.backend import AscendBackend
 from moerun.backends.base import AttentionMetadata, ExpertWeights, LinearWeight, ModelSpec
 from moerun.backends.cpu import ops as ref
-from moerun.runtime.errors import ConfigError, MoerunError, UnsupportedModelError
+from moerun.backends.errors import ConfigError, MoerunError, UnsupportedModelError
 from moerun.runtime.run_config import load_run_config, parse_run_config
 
 REPO = Path(__file__).resolve().parents[1]

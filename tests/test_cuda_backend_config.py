@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moerun.runtime.cli import main
-from moerun.runtime.errors import ConfigError, MoerunError, UnsupportedModelError
+from moerun.backends.errors import ConfigError, MoerunError, UnsupportedModelError
 from moerun.runtime.run_config import parse_run_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"

@@ -62,7 +62,7 @@ else:
     from moerun.backends.cuda import attention, fp8, kv_cache, moe, norm_rope, routing
     from moerun.backends.cuda.backend import CudaBackend
     from moerun.runtime.engine import Engine
-    from moerun.runtime.errors import ConfigError, UnsupportedModelError
+    from moerun.backends.errors import ConfigError, UnsupportedModelError
 
     DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -67,7 +67,7 @@ def test_batch_composition_does_not_change_results(hf_checkpoint, write_yaml):
 
 
 def test_kv_cache_exhaustion_is_a_clear_error(hf_checkpoint, write_yaml):
-    from moerun.runtime.errors import MoerunError
+    from moerun.backends.errors import MoerunError
 
     folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)
     data = run_yaml(folder)

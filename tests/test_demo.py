@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from moerun.runtime import demo
-from moerun.runtime.errors import MoerunError
+from moerun.backends.errors import MoerunError
 from moerun.runtime.model_config import load_model_config
 from moerun.runtime.tokenizer import Tokenizer
 

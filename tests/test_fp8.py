@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from moerun.backends.cpu.ops import dequantize_fp8_block
 from moerun.runtime.engine import Engine
-from moerun.runtime.errors import CheckpointError
+from moerun.backends.errors import CheckpointError
 
 TOKENS = [3, 9, 27, 81, 33, 99, 5, 1, 0, 210, 17]
 

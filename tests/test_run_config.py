@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moerun.runtime.errors import ConfigError
+from moerun.backends.errors import ConfigError
 from moerun.runtime.run_config import BUILTIN_DEMO, load_run_config, parse_run_config
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from moerun.runtime import demo
-from moerun.runtime.errors import CheckpointError, MoerunError
+from moerun.backends.errors import CheckpointError, MoerunError
 from moerun.runtime.tokenizer import Tokenizer
 
 

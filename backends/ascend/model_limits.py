@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from moerun.backends.base import ModelSpec
-from moerun.runtime.errors import UnsupportedModelError
+from moerun.backends.errors import UnsupportedModelError
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # npu_fused_infer_attention_score on A2/A3
 ATTENTION_HEAD_DIMS = (128, 192)  # FIA TND layout without rope; smaller head dims are zero-padded (attention.py)

@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 
 from moerun.backends.ascend import emulation
-from moerun.runtime.errors import ConfigError, MoerunError
+from moerun.backends.errors import ConfigError, MoerunError
 
 DEVICE_PATTERN = re.compile(r"^npu(?::(\d+))?$")
 DOCS = "docs/ascend.md"

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from moerun.backends.base import AttentionMetadata, Backend, Capabilities, ExpertWeights, LinearWeight, ModelSpec
 from moerun.backends.cpu.ops import dequantize_fp8_block
 from moerun.backends.cuda import device as dev
-from moerun.runtime.errors import ConfigError, UnsupportedModelError
+from moerun.backends.errors import ConfigError, UnsupportedModelError
 
 # Option values that are names, and what each allows.
 _CHOICES = {

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from moerun.runtime.errors import MoerunError, UnsupportedModelError
+from moerun.backends.errors import MoerunError, UnsupportedModelError
 
 
 def interpreter_requested() -> bool:

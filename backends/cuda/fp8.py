@@ -11,7 +11,7 @@ from moerun.backends.base import LinearWeight
 from moerun.backends.cuda import gemm
 from moerun.backends.cuda.device import max_shared_memory
 from moerun.backends.cuda.triton_utils import INTERPRETING, next_pow2
-from moerun.runtime.errors import UnsupportedModelError
+from moerun.backends.errors import UnsupportedModelError
 
 
 @dataclasses.dataclass

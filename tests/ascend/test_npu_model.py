@@ -14,7 +14,7 @@ from npu_host import NPU, requires_npu
 from moerun.runtime.batch import Sequence
 from moerun.runtime.cli import main
 from moerun.runtime.engine import Engine
-from moerun.runtime.errors import UnsupportedModelError
+from moerun.backends.errors import UnsupportedModelError
 from moerun.runtime.parity import compare_logits
 
 TOKENS = [1, 17, 42, 5, 99, 3, 150, 7, 7, 7, 200, 64, 11, 0, 123, 45, 46, 47, 8, 2, 190, 33, 12]

@@ -1,4 +1,7 @@
-"""Errors meant for the person running moerun: the CLI prints them as one line and exits 2."""
+"""Errors meant for the person running moerun: the CLI prints them as one line and exits 2.
+
+They live beside the backend interface because both sides raise them: a backend refusing a model or an option,
+the runtime refusing a config, a checkpoint or a request. Backends import nothing from moerun.runtime."""
 
 
 class MoerunError(Exception):
