@@ -111,6 +111,16 @@ def test_tool_choice_decides_what_the_prompt_offers():
     assert named.effective_tool_choice == "other" and named.offered_tools() == [other]
 
 
+def test_the_output_parser_follows_the_prompt_and_the_tool_choice():
+    output = 'Hm.</think>OK<minimax:tool_call><invoke name="get_time"></invoke></minimax:tool_call>'
+    parser = chat(tools=[TOOL]).output_parser("]~b]ai\n<think>\n", "split")
+    deltas = [parser.feed(output), parser.finish()]
+    assert (deltas[0].reasoning, deltas[0].content, deltas[0].tool_calls[0].name) == ("Hm.", "OK", "get_time")
+    # no pre-filled <think>, and tool_choice "none": everything is content, the XML included
+    parser = chat(tools=[TOOL], tool_choice="none").output_parser("]~b]ai\n", "split")
+    assert parser.feed(output).content + parser.finish().content == output
+
+
 def test_developer_messages_are_system_messages_to_the_template():
     request = chat(messages=[{"role": "developer", "content": "Be brief."}, *USER])
     assert request.template_messages() == [{"role": "system", "content": "Be brief."}, *USER]

@@ -90,9 +90,11 @@ async def _run(endpoint: str, api_key: str | None, model: str | None, workload_a
         summaries = []
         for concurrency in levels:
             results, duration = await serve_bench.run_level(client, url, workload, specs, concurrency, rate)
-            summaries.append(serve_bench.summarize(results, duration, concurrency, rate))
-            click.echo(f"concurrency {concurrency}: {summaries[-1]['completed']}/{len(results)} ok "
-                       f"in {duration:.1f} s", err=True)
+            summary = serve_bench.summarize(results, duration, concurrency, rate)
+            summaries.append(summary)
+            first_error = f" (first error: {summary['errors'][0]})" if summary["errors"] else ""
+            click.echo(f"concurrency {concurrency}: {summary['completed']}/{len(results)} ok in {duration:.1f} s"
+                       f"{first_error}", err=True)
         return model, summaries
 
 

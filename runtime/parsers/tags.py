@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def first_tag(text: str, tags: Sequence[str]) -> tuple[int, str] | None:
-    """(position, tag) of the tag that starts earliest in `text`, or None when no tag is complete in it."""
-    hits = [(i, tag) for tag in tags if (i := text.find(tag)) >= 0]
+def first_tag(text: str, tags: Sequence[str], start: int = 0) -> tuple[int, str] | None:
+    """(position, tag) of the tag that starts earliest in `text` at or after `start`, or None."""
+    hits = [(i, tag) for tag in tags if (i := text.find(tag, start)) >= 0]
     return min(hits) if hits else None
 
 

@@ -103,6 +103,7 @@ class ToolCallStream:
         self._new_id = new_id
         self._state = _State.TEXT
         self._buffer = ""
+        self._searched = 0  # the buffer before this offset holds no complete tag (a long value is not rescanned)
         self._seen_block = False
         self._calls = 0  # calls opened so far; the open one is index self._calls - 1
         self._tool = ""  # name of the open call
@@ -115,23 +116,26 @@ class ToolCallStream:
         content: list[str] = []
         deltas: list[ToolCallDelta] = []
         while True:
-            hit = first_tag(self._buffer, _ENDS[self._state])
+            ends = _ENDS[self._state]
+            hit = first_tag(self._buffer, ends, self._searched)
             if hit is None:
+                self._searched = max(0, len(self._buffer) - max(map(len, ends)) + 1)
                 break
             at, tag = hit
-            before, self._buffer = self._buffer[:at], self._buffer[at + len(tag):]
+            before, self._buffer, self._searched = self._buffer[:at], self._buffer[at + len(tag):], 0
             self._on_tag(before, tag, content, deltas)
         if self._state is _State.TEXT:
             keep = 0 if final else partial_tag_len(self._buffer, _ENDS[_State.TEXT])
             if not self._seen_block:
                 content.append(self._buffer[:len(self._buffer) - keep])
-            self._buffer = self._buffer[len(self._buffer) - keep:]
+            self._buffer, self._searched = self._buffer[len(self._buffer) - keep:], 0
         elif self._state is _State.BLOCK:  # nothing in a block between invokes is kept
-            self._buffer = self._buffer[len(self._buffer) - partial_tag_len(self._buffer, _ENDS[_State.BLOCK]):]
+            keep = partial_tag_len(self._buffer, _ENDS[_State.BLOCK])
+            self._buffer, self._searched = self._buffer[len(self._buffer) - keep:], 0
         if final:
             if self._state in (_State.INVOKE_BODY, _State.PARAMETER_NAME, _State.PARAMETER_VALUE):
                 deltas.append(self._close_call())  # a cut-off parameter is dropped: its value may be incomplete
-            self._state, self._buffer = _State.TEXT, ""
+            self._state, self._buffer, self._searched = _State.TEXT, "", 0
         return "".join(content), _merge(deltas)
 
     def _on_tag(self, before: str, tag: str, content: list[str], deltas: list[ToolCallDelta]) -> None:

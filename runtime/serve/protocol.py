@@ -16,6 +16,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moerun.runtime.parsers import ChatOutputParser, ReasoningMode
+from moerun.runtime.parsers.reasoning import THINK_START
 from moerun.runtime.serve.errors import bad_request, validation_error
 
 MAX_LOGPROBS = 20  # the top-logprobs cap OpenAI and vLLM use
@@ -226,6 +228,12 @@ class ChatCompletionRequest(_SamplingRequest):
         if choice not in ("auto", "required"):
             tools = [t for t in tools if t["function"]["name"] == choice]
         return tools
+
+    def output_parser(self, prompt: str, reasoning: ReasoningMode) -> ChatOutputParser:
+        """The parser for this request's output, given the rendered prompt: the output starts inside the
+        reasoning when the prompt ends by opening it (M2's generation prompt ends `<think>\n`)."""
+        return ChatOutputParser(self.offered_tools(), reasoning,
+                                starts_in_reasoning=prompt.rstrip("\n").endswith(THINK_START))
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]
