@@ -1,8 +1,8 @@
 """Where MiniMax-M2's reasoning ends: the text before `</think>` is reasoning, the text after it the answer.
 
 M2's generation prompt ends with `<think>\\n`, so the output normally starts inside the reasoning and shows only
-`</think>` (M2.7 sometimes too when it was not pre-filled); M2.5 and later may write `<think>` again first, which
-is dropped. A later `<think>` is text. Without `</think>` the whole output is reasoning (cut off while thinking).
+`</think>`; M2.5 and later may write `<think>` again first, which is dropped. Only the first `</think>` counts;
+later think tags are text. Without `</think>` the whole output is reasoning (cut off while thinking).
 """
 
 from __future__ import annotations
