@@ -8,6 +8,8 @@
     kv_cache:
       block_size: null           # null: the backend's default
       num_blocks: 512
+      memory_fraction: 0.9       # of device memory for weights, reserve and KV (sizing, moerun plan)
+    parallel: {tensor_parallel_size: 1}   # multi-device layout (runtime/parallel_config.py)
     cpu: {threads: 0}            # each backend's own section, validated by that backend
 
 Every unknown key, wrong type or value raises ConfigError naming the key path and what is allowed.
@@ -24,12 +26,13 @@ import yaml
 
 from moerun.backends.base import DTYPES, backend_names, get_backend_class
 from moerun.backends.errors import ConfigError
+from moerun.runtime.parallel_config import ParallelConfig, parse_parallel_config
 
 BUILTIN_DEMO = "builtin:demo"
 
-_TOP_KEYS = {"backend", "model", "kv_cache"}
+_TOP_KEYS = {"backend", "model", "kv_cache", "parallel"}
 _MODEL_KEYS = {"path": str, "dtype": str, "num_layers": int}
-_KV_KEYS = {"block_size": int, "num_blocks": int}
+_KV_KEYS = {"block_size": int, "num_blocks": int, "memory_fraction": float}
 
 
 @dataclasses.dataclass
@@ -42,6 +45,8 @@ class RunConfig:
     kv_num_blocks: int
     backend_options: dict[str, Any]  # the chosen backend's section, validated, defaults filled
     source: str  # where the config came from, for messages
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    kv_memory_fraction: float = 0.9  # of a device's memory, for weights + reserve + KV cache (capacity.py)
 
     @property
     def dtype_name(self) -> str:
@@ -98,6 +103,10 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
     if num_blocks <= 0:
         raise ConfigError(f"{source}: kv_cache.num_blocks: must be a positive int, got {num_blocks}")
 
+    memory_fraction = kv.get("memory_fraction", 0.9)
+    if not 0 < memory_fraction <= 1:
+        raise ConfigError(f"{source}: kv_cache.memory_fraction: must lie in (0, 1], got {memory_fraction}")
+
     dtype = DTYPES[dtype_name]
     if dtype not in backend_cls.capabilities.dtypes:
         allowed = ", ".join(k for k, v in DTYPES.items() if v in backend_cls.capabilities.dtypes)
@@ -115,7 +124,8 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
         options = backend_cls.validate_options({}, f"{source}: {backend}")
 
     return RunConfig(backend=backend, model_path=model_path, dtype=dtype, num_layers=num_layers,
-                     kv_block_size=block_size, kv_num_blocks=num_blocks, backend_options=options, source=source)
+                     kv_block_size=block_size, kv_num_blocks=num_blocks, backend_options=options, source=source,
+                     parallel=parse_parallel_config(raw.get("parallel"), source), kv_memory_fraction=memory_fraction)
 
 
 def _mapping(value: Any, key: str, source: str) -> dict:

@@ -1,5 +1,0 @@
-import sys
-
-from moerun.runtime.cli import main
-
-sys.exit(main())
