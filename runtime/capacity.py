@@ -72,10 +72,10 @@ def weight_bytes(cfg: ModelConfig, plan: ShardPlan, fmt: Format, num_layers: int
     last ranks, which may be short: the largest is counted)."""
     layers = cfg.num_layers if num_layers is None else num_layers
     h, d, f = cfg.hidden_size, cfg.head_dim, FLOAT_BYTES[fmt.dtype]
-    q_rows = plan.local_heads(cfg.num_heads).size * d
-    kv_rows = plan.local_kv_heads(cfg.num_kv_heads).size * d
-    experts = plan.local_experts(cfg.num_experts).size
-    inter = plan.local_intermediate(cfg.intermediate_size).size
+    q_rows = len(plan.local_heads(cfg.num_heads)) * d
+    kv_rows = len(plan.local_kv_heads(cfg.num_kv_heads)) * d
+    experts = len(plan.local_experts(cfg.num_experts))
+    inter = len(plan.local_intermediate(cfg.intermediate_size))
     attention = linear_bytes(q_rows, h, fmt) + 2 * linear_bytes(kv_rows, h, fmt) + linear_bytes(h, q_rows, fmt)
     # w1 and w3 are stacked into one [2I, H] per expert, so FP8 scales count per stack, as the loader builds them
     moe = experts * (linear_bytes(2 * inter, h, fmt) + linear_bytes(h, inter, fmt))
@@ -90,7 +90,7 @@ def weight_bytes(cfg: ModelConfig, plan: ShardPlan, fmt: Format, num_layers: int
 def kv_bytes_per_token(cfg: ModelConfig, plan: ShardPlan, dtype: str, num_layers: int | None = None) -> int:
     """K and V of every layer for one token, for this rank's KV heads."""
     layers = cfg.num_layers if num_layers is None else num_layers
-    return layers * 2 * plan.local_kv_heads(cfg.num_kv_heads).size * cfg.head_dim * FLOAT_BYTES[dtype]
+    return layers * 2 * len(plan.local_kv_heads(cfg.num_kv_heads)) * cfg.head_dim * FLOAT_BYTES[dtype]
 
 
 def activation_bytes(cfg: ModelConfig, plan: ShardPlan, dtype: str, max_num_batched_tokens: int,
@@ -100,9 +100,9 @@ def activation_bytes(cfg: ModelConfig, plan: ShardPlan, dtype: str, max_num_batc
     every one of its top-k pairs (the worst case: all routed to this rank's experts); plus fp32 logits of
     max_num_seqs rows, this rank's columns and the gathered whole."""
     h, d, f = cfg.hidden_size, cfg.head_dim, FLOAT_BYTES[dtype]
-    q = plan.local_heads(cfg.num_heads).size * d
-    kv = plan.local_kv_heads(cfg.num_kv_heads).size * d
-    inter = plan.local_intermediate(cfg.intermediate_size).size
+    q = len(plan.local_heads(cfg.num_heads)) * d
+    kv = len(plan.local_kv_heads(cfg.num_kv_heads)) * d
+    inter = len(plan.local_intermediate(cfg.intermediate_size))
     per_token = f * (3 * h + 2 * q + 2 * kv + cfg.top_k * (3 * inter + h)) + 4 * cfg.num_experts
     logits = 4 * max_num_seqs * (plan.vocab_rows_per_rank(cfg.vocab_size) + cfg.vocab_size)
     return max_num_batched_tokens * per_token + logits

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,11 +74,18 @@ class Group:
         try:
             yield
         except (RuntimeError, dist.DistError) as e:
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise PeerLostError(
                 f"rank {self.ranks[self.rank]}: {name} of {list(tensor.shape)} across ranks {list(self.ranks)} "
-                f"failed ({first_line}): another rank died, was stopped, or did not answer within "
+                f"failed ({failure_reason(e)}): another rank died, was stopped, or did not answer within "
                 f"parallel.init_timeout_s") from None
+
+
+def failure_reason(error: BaseException) -> str:
+    """The first sentence of a collective library's error, without its source-file prefix
+    ("[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:28817. This is typically ...")."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", text)
+    return text.split(". ")[0].rstrip(".") or type(error).__name__
 
 
 @dataclasses.dataclass(frozen=True)

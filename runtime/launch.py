@@ -13,7 +13,7 @@ import os
 import torch.distributed as dist
 
 from moerun.backends.errors import ConfigError
-from moerun.runtime.communicator import Communicator, Group, PeerLostError
+from moerun.runtime.communicator import Communicator, Group, PeerLostError, failure_reason
 from moerun.runtime.shard_plan import ShardPlan
 
 HOST_BACKEND = "gloo"  # host tensors (the step broadcasts) travel over gloo whatever the devices use
@@ -66,10 +66,9 @@ def connect(env: LaunchEnv, plan: ShardPlan, backend: str, timeout_s: float) -> 
         host = world if backend == HOST_BACKEND else _group(
             list(range(env.world_size)), env.rank, dist.new_group(timeout=timeout, backend=HOST_BACKEND))
     except (RuntimeError, dist.DistError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PeerLostError(f"rank {env.rank}: the world of {env.world_size} ranks did not come together within "
                             f"parallel.init_timeout_s = {timeout_s:g} s at {os.environ.get('MASTER_ADDR')}:"
-                            f"{os.environ.get('MASTER_PORT')} ({first_line})") from None
+                            f"{os.environ.get('MASTER_PORT')} ({failure_reason(e)})") from None
     return Communicator(world=world, tp=tp, host=host)
 
 

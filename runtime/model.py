@@ -99,8 +99,8 @@ class MiniMaxM2Model:
         if self.comm.world.size == 1:
             return F.embedding(input_ids, self.weights.embed)
         local = input_ids - self.vocab.start
-        mine = (local >= 0) & (local < self.vocab.size)
-        rows = F.embedding(local.clamp(0, max(self.vocab.size - 1, 0)), self.weights.embed) if self.vocab.size else (
+        mine = (local >= 0) & (local < len(self.vocab))
+        rows = F.embedding(local.clamp(0, max(len(self.vocab) - 1, 0)), self.weights.embed) if len(self.vocab) else (
             self.weights.embed.new_zeros(input_ids.shape[0], self.config.hidden_size))
         return self.comm.world.all_reduce(rows * mine[:, None].to(rows.dtype))
 

@@ -21,25 +21,6 @@ from moerun.runtime.model_config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Range:
-    """Elements [start, stop) of one dimension."""
-
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-    def scaled(self, factor: int) -> Range:
-        """The same range in units `factor` times smaller (heads -> rows of head_dim each)."""
-        return Range(self.start * factor, self.stop * factor)
-
-    def as_slice(self) -> slice:
-        return slice(self.start, self.stop)
-
-
-@dataclasses.dataclass(frozen=True)
 class ShardPlan:
     world_size: int = 1
     rank: int = 0
@@ -69,19 +50,18 @@ class ShardPlan:
         return [list(range(g * self.tp, (g + 1) * self.tp)) for g in range(self.world_size // self.tp)]
 
     # ---- attention -----------------------------------------------------------------------------------------------
-    def local_heads(self, num_heads: int) -> Range:
+    def local_heads(self, num_heads: int) -> range:
         per_rank = num_heads // self.tp
-        return Range(self.tp_rank * per_rank, (self.tp_rank + 1) * per_rank)
+        return range(self.tp_rank * per_rank, (self.tp_rank + 1) * per_rank)
 
     def kv_replicas(self, num_kv_heads: int) -> int:
         """How many TP ranks hold each KV head: 1 unless tp > num_kv_heads."""
         return max(1, self.tp // num_kv_heads)
 
-    def local_kv_heads(self, num_kv_heads: int) -> Range:
-        replicas = self.kv_replicas(num_kv_heads)
+    def local_kv_heads(self, num_kv_heads: int) -> range:
         per_rank = max(1, num_kv_heads // self.tp)
-        first = (self.tp_rank // replicas) * per_rank
-        return Range(first, first + per_rank)
+        first = (self.tp_rank // self.kv_replicas(num_kv_heads)) * per_rank
+        return range(first, first + per_rank)
 
     def counts_kv_norm(self, num_kv_heads: int) -> bool:
         """Whether this rank's k sum of squares enters the QK-norm all-reduce: with replicated KV heads only the
@@ -89,24 +69,24 @@ class ShardPlan:
         return self.tp_rank % self.kv_replicas(num_kv_heads) == 0
 
     # ---- experts -------------------------------------------------------------------------------------------------
-    def local_experts(self, num_experts: int) -> Range:
+    def local_experts(self, num_experts: int) -> range:
         per_rank = num_experts // self.ep
         group = self.rank // self.expert_splits
-        return Range(group * per_rank, (group + 1) * per_rank)
+        return range(group * per_rank, (group + 1) * per_rank)
 
-    def local_intermediate(self, intermediate_size: int) -> Range:
+    def local_intermediate(self, intermediate_size: int) -> range:
         per_rank = intermediate_size // self.expert_splits
         part = self.rank % self.expert_splits
-        return Range(part * per_rank, (part + 1) * per_rank)
+        return range(part * per_rank, (part + 1) * per_rank)
 
     # ---- vocabulary ----------------------------------------------------------------------------------------------
     def vocab_rows_per_rank(self, vocab_size: int) -> int:
         return -(-vocab_size // self.world_size)
 
-    def local_vocab(self, vocab_size: int) -> Range:
+    def local_vocab(self, vocab_size: int) -> range:
         per_rank = self.vocab_rows_per_rank(vocab_size)
         start = min(self.rank * per_rank, vocab_size)
-        return Range(start, min(start + per_rank, vocab_size))
+        return range(start, min(start + per_rank, vocab_size))
 
     # ---- what cannot work -------------------------------------------------------------------------------------------
     def check(self, shape: ModelConfig, fp8_block: tuple[int, int] | None) -> list[str]:
