@@ -82,6 +82,18 @@ class Checkpoint:
     def dtype(self, name: str) -> str:
         return self._open(self.file_of[name]).get_slice(name).get_dtype()
 
+    def read_slice(self, name: str, rows: range | None = None, cols: range | None = None) -> torch.Tensor:
+        """Rows and columns of a 1-D or 2-D tensor (None = all), reading only their bytes (a safetensors slice)."""
+        if rows is None and cols is None:
+            return self.read(name)
+        path = self.file_of[name]
+        index = tuple(slice(None) if r is None else slice(r.start, r.stop) for r in (rows, cols))
+        try:
+            part = self._open(path).get_slice(name)
+            return part[index[:len(part.get_shape())]]
+        except Exception as e:
+            raise CheckpointError(f"{name}: cannot be read from {path.name} ({_short(e)})") from None
+
     def read(self, name: str) -> torch.Tensor:
         path = self.file_of[name]
         try:

@@ -8,6 +8,7 @@ exit code 2; `--debug` anywhere on the line shows the traceback instead.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -58,11 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     except MoerunError as e:
         if debug:
             raise
-        click.echo(f"moerun: error: {e}", err=True)
-        return EXIT_BAD_INPUT
+        click.echo(f"moerun: error: {_rank_prefix(str(e))}{e}", err=True)
+        return getattr(e, "exit_code", EXIT_BAD_INPUT)
     except click.Abort:
         click.echo("moerun: aborted", err=True)
         return 130
+
+
+def _rank_prefix(message: str) -> str:
+    """Under torchrun every rank may say the same line: each says which rank it is."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not message.startswith("rank "):
+        return f"rank {os.environ.get('RANK', '?')}: "
+    return ""
 
 
 def console_main() -> None:

@@ -96,6 +96,7 @@ class Communicator:
     world: Group = Group()
     tp: Group = Group()
     host: Group = Group()
+    owns_world: bool = False  # this communicator initialized torch.distributed, so it ends it
 
     @property
     def rank(self) -> int:
@@ -107,5 +108,10 @@ class Communicator:
         return self.world.rank == 0
 
     def close(self) -> None:
-        if self.world.size > 1 and dist.is_initialized():
+        if not dist.is_initialized():
+            return
+        own_groups = [g.handle for g in (self.tp, self.host) if g.handle not in (None, self.world.handle)]
+        for handle in own_groups:
+            dist.destroy_process_group(handle)
+        if self.owns_world:
             dist.destroy_process_group()

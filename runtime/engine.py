@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 
-from moerun.backends.base import ModelSpec, get_backend_class
-from moerun.runtime.batch import Sequence, build_step
+from moerun.backends.base import AttentionMetadata, ModelSpec
+from moerun.runtime import step_broadcast
+from moerun.runtime.batch import Sequence, StepInputs, build_step
 from moerun.runtime.checkpoint import Checkpoint
 from moerun.backends.errors import ConfigError, MoerunError
 from moerun.runtime.kv_cache import PagedKVCache
+from moerun.runtime.launch import place
 from moerun.runtime.loader import WeightLoader
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import load_model_config
@@ -39,7 +41,8 @@ class Engine:
         layers = num_layers or run.num_layers or cfg.num_layers
         if layers > cfg.num_layers:
             raise ConfigError(f"model.num_layers: {layers} is more than the checkpoint's {cfg.num_layers} layers")
-        self.backend = get_backend_class(run.backend)(run.backend_options, run.dtype)
+        placement = place(run, cfg)
+        self.backend, self.plan, self.comm = placement.backend, placement.plan, placement.comm
         block_size = run.kv_block_size or self.backend.capabilities.kv_block_sizes[0]
         # The backend refuses a model its kernels cannot run now, not at the first request.
         self.backend.check_model(ModelSpec(
@@ -47,11 +50,15 @@ class Engine:
             head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
             intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, dtype=run.dtype,
             kv_block_size=block_size, fp8_block=cfg.fp8_block))
-        weights = WeightLoader(Checkpoint(self.folder), cfg, self.backend).load(layers, progress)
-        self.model = MiniMaxM2Model(cfg, weights, self.backend)
-        self.cache = PagedKVCache(self.backend, layers, run.kv_num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        # Decode steps may be replayed as device graphs; prefill always runs the graph eagerly.
-        self._decode_forward = self.backend.decode_runner(
+        loader = WeightLoader(Checkpoint(self.folder), cfg, self.backend, self.plan)
+        weights = loader.load(layers, progress)
+        self.bytes_read = loader.bytes_read
+        self.model = MiniMaxM2Model(cfg, weights, self.backend, self.comm, self.plan)
+        self.cache = PagedKVCache(self.backend, layers, run.kv_num_blocks, block_size,
+                                  len(self.plan.local_kv_heads(cfg.num_kv_heads)), cfg.head_dim)
+        # Decode steps may be replayed as device graphs (one rank only: collectives are not captured yet);
+        # prefill always runs the graph eagerly.
+        self._decode_forward = self.model.forward if self.comm.world.size > 1 else self.backend.decode_runner(
             self.model.forward, max_num_seqs=MAX_DECODE_BATCH,
             max_blocks_per_seq=min(run.kv_num_blocks, -(-cfg.max_position_embeddings // block_size)))
         self._tokenizer = None
@@ -84,11 +91,37 @@ class Engine:
         """Run every sequence's not-yet-cached tokens in one packed forward.
         Returns fp32 logits of each sequence's last token [B, V], or of every new token [T, V]."""
         inputs = build_step(seqs, self.cache, self.backend.device)
-        forward = self._decode_forward if inputs.meta.is_decode and observe is None else self.model.forward
-        hidden = forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache.layers, observe)
+        rows = (torch.arange(inputs.input_ids.shape[0], device=inputs.input_ids.device) if all_logits
+                else inputs.last_token_rows)
+        if self.comm.world.size > 1:
+            step_broadcast.send(self.comm.host, message_of(inputs, rows))
+        logits = self._forward(inputs, rows, observe)
         for seq in seqs:
             seq.num_cached = len(seq.token_ids)
-        return self.model.compute_logits(hidden if all_logits else hidden[inputs.last_token_rows])
+        return logits
+
+    def _forward(self, inputs: StepInputs, rows: torch.Tensor,
+                 observe: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
+        forward = self._decode_forward if inputs.meta.is_decode and observe is None else self.model.forward
+        hidden = forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache.layers, observe)
+        return self.model.compute_logits(hidden[rows])
+
+    def run_worker(self) -> None:
+        """On every rank but 0: run each step rank 0 sends, until it says stop."""
+        while True:
+            message = step_broadcast.receive(self.comm.host)
+            if message.kind == step_broadcast.STOP:
+                return
+            if message.kind == step_broadcast.STEP:
+                with torch.inference_mode():
+                    self._forward(*inputs_of(message, self.backend.device, self.cache.block_size))
+
+    def close(self) -> None:
+        """Rank 0: tell the workers the run is over; every rank: leave the world."""
+        if self.comm.world.size > 1:
+            if self.comm.is_first:
+                step_broadcast.send(self.comm.host, step_broadcast.StepMessage(step_broadcast.STOP))
+            self.comm.close()
 
     def release(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -131,3 +164,23 @@ class Engine:
         finally:
             self.release(seqs)
         return outputs
+
+
+def message_of(inputs: StepInputs, rows: torch.Tensor) -> step_broadcast.StepMessage:
+    meta = inputs.meta
+    fields = {"input_ids": inputs.input_ids, "positions": inputs.positions, "slot_mapping": meta.slot_mapping,
+              "logits_rows": rows, "query_start_loc": meta.query_start_loc, "seq_lens": meta.seq_lens,
+              "block_tables": meta.block_tables}
+    return step_broadcast.StepMessage(step_broadcast.STEP, fields, meta.block_tables.shape[1])
+
+
+def inputs_of(message: step_broadcast.StepMessage, device: torch.device,
+              block_size: int) -> tuple[StepInputs, torch.Tensor]:
+    f = {name: t.to(device) for name, t in message.fields.items()}
+    starts, lens = message.fields["query_start_loc"].tolist(), message.fields["seq_lens"].tolist()
+    meta = AttentionMetadata(
+        query_start_loc=f["query_start_loc"].to(torch.int32), seq_lens=f["seq_lens"].to(torch.int32),
+        block_tables=f["block_tables"].to(torch.int32).view(len(lens), message.block_table_width),
+        slot_mapping=f["slot_mapping"], query_lens_host=[b - a for a, b in zip(starts, starts[1:])],
+        seq_lens_host=lens, block_size=block_size)
+    return StepInputs(f["input_ids"], f["positions"], meta, f["logits_rows"]), f["logits_rows"]

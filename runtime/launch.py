@@ -9,11 +9,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import sys
 
 import torch.distributed as dist
 
+from moerun.backends.base import Backend, get_backend_class
 from moerun.backends.errors import ConfigError
 from moerun.runtime.communicator import Communicator, Group, PeerLostError, failure_reason
+from moerun.runtime.model_config import ModelConfig
+from moerun.runtime.run_config import RunConfig
 from moerun.runtime.shard_plan import ShardPlan
 
 HOST_BACKEND = "gloo"  # host tensors (the step broadcasts) travel over gloo whatever the devices use
@@ -53,9 +57,11 @@ def connect(env: LaunchEnv, plan: ShardPlan, backend: str, timeout_s: float) -> 
     if env.world_size == 1:
         return Communicator()
     timeout = datetime.timedelta(seconds=timeout_s)
+    joined = not dist.is_initialized()  # a second engine in the same processes reuses the world
     try:
-        dist.init_process_group(backend, init_method="env://", world_size=env.world_size, rank=env.rank,
-                                timeout=timeout)
+        if joined:
+            dist.init_process_group(backend, init_method="env://", world_size=env.world_size, rank=env.rank,
+                                    timeout=timeout)
         world = _group(list(range(env.world_size)), env.rank, dist.group.WORLD)
         tp = world if plan.tp == env.world_size else Group(ranks=(env.rank,))
         if 1 < plan.tp < env.world_size:
@@ -69,8 +75,35 @@ def connect(env: LaunchEnv, plan: ShardPlan, backend: str, timeout_s: float) -> 
         raise PeerLostError(f"rank {env.rank}: the world of {env.world_size} ranks did not come together within "
                             f"parallel.init_timeout_s = {timeout_s:g} s at {os.environ.get('MASTER_ADDR')}:"
                             f"{os.environ.get('MASTER_PORT')} ({failure_reason(e)})") from None
-    return Communicator(world=world, tp=tp, host=host)
+    return Communicator(world=world, tp=tp, host=host, owns_world=joined)
 
 
 def _group(ranks: list[int], rank: int, handle) -> Group:
     return Group(rank=ranks.index(rank), size=len(ranks), ranks=tuple(ranks), handle=handle)
+
+
+@dataclasses.dataclass
+class Placement:
+    """This process's share of a run: its backend (on its own device), its ShardPlan and its groups."""
+
+    backend: Backend
+    plan: ShardPlan
+    comm: Communicator
+
+
+def place(run: RunConfig, cfg: ModelConfig, env: LaunchEnv | None = None) -> Placement:
+    """Read torchrun's environment, build the backend on this rank's device, check the layout against the model
+    (one line for what cannot work), join the world, and say once (rank 0) what an operator should know."""
+    env = env or launch_env()
+    plan = run.parallel.plan(env.world_size, env.rank, run.source)
+    backend_cls = get_backend_class(run.backend)
+    options = (backend_cls.options_for_rank(run.backend_options, env.local_rank, env.world_size)
+               if env.world_size > 1 else run.backend_options)
+    backend = backend_cls(options, run.dtype)
+    # FP8 blocks bound the splits only where the backend executes them as stored; dequantized, any split is exact.
+    notes = plan.check(cfg, cfg.fp8_block if backend.capabilities.fp8_weights else None)
+    comm = connect(env, plan, backend.process_group_backend, run.parallel.init_timeout_s)
+    if env.world_size > 1 and env.rank == 0:
+        for note in [f"{plan.describe()}, collectives over {backend.process_group_backend}", *notes]:
+            print(f"moerun: {note}", file=sys.stderr)
+    return Placement(backend, plan, comm)

@@ -88,6 +88,20 @@ class ShardPlan:
         start = min(self.rank * per_rank, vocab_size)
         return range(start, min(start + per_rank, vocab_size))
 
+    # ---- the slice of each tensor -----------------------------------------------------------------------------------
+    def tensor_slice(self, field: str, cfg: ModelConfig) -> tuple[range | None, range | None]:
+        """(rows, columns) of a LayerWeights / ModelWeights field that this rank holds; None = all of them.
+        Experts are sliced by local_experts and local_intermediate (the loader stacks them)."""
+        d = cfg.head_dim
+        heads = _scaled(self.local_heads(cfg.num_heads), d)
+        kv_heads = _scaled(self.local_kv_heads(cfg.num_kv_heads), d)
+        return {
+            "q_proj": (heads, None), "q_norm": (heads, None),
+            "k_proj": (kv_heads, None), "v_proj": (kv_heads, None), "k_norm": (kv_heads, None),
+            "o_proj": (None, heads),  # row-parallel: its input columns are the heads' outputs
+            "embed": (self.local_vocab(cfg.vocab_size), None), "lm_head": (self.local_vocab(cfg.vocab_size), None),
+        }.get(field, (None, None))
+
     # ---- what cannot work -------------------------------------------------------------------------------------------
     def check(self, shape: ModelConfig, fp8_block: tuple[int, int] | None) -> list[str]:
         """Refuse a layout the model cannot take (ConfigError, one line); return the notes an operator should see
@@ -128,8 +142,13 @@ class ShardPlan:
         return notes
 
     def describe(self) -> str:
-        splits = f" (each expert split {self.expert_splits} ways)" if self.expert_splits > 1 else ""
-        return f"rank {self.rank}/{self.world_size}: TP{self.tp} x EP{self.ep}{splits}"
+        splits = f", each expert's intermediate split {self.expert_splits} ways" if self.expert_splits > 1 else ""
+        return f"{self.world_size} ranks: TP{self.tp} x EP{self.ep}{splits}"
+
+
+def _scaled(r: range, factor: int) -> range:
+    """A range of heads as the range of their rows (factor = head_dim)."""
+    return range(r.start * factor, r.stop * factor)
 
 
 def divisors(n: int) -> list[int]:

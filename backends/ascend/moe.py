@@ -63,6 +63,8 @@ def experts(ops: ModuleType, x: torch.Tensor, weights: torch.Tensor, ids: torch.
             w: AscendExperts) -> torch.Tensor:
     """sum_j weights[t, j] * SwiGLU_expert(ids[t, j])(x[t]) -> [T, H] in x's dtype, over this rank's experts."""
     routed = dispatch(ops, x, ids, w.w13.shape[0], first_expert=w.first_expert, layer_experts=w.layer_experts)
+    if routed.rows.shape[0] == 0:  # no token chose this rank's experts (the kernels take no empty inputs)
+        return x.new_zeros(x.shape)
     gate_up = ops.npu_grouped_matmul([routed.rows], [w.w13], group_list=routed.counts, split_item=SINGLE_OUTPUT,
                                      group_type=GROUP_ALONG_M, group_list_type=COUNT)[0]
     hidden = ops.npu_swiglu(gate_up, dim=-1)

@@ -91,27 +91,30 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[
 
 
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
-            w2: torch.Tensor) -> torch.Tensor:
-    """Routed SwiGLU experts, each expert one matmul over its group of tokens."""
+            w2: torch.Tensor, first_expert: int = 0) -> torch.Tensor:
+    """Routed SwiGLU experts, each expert one matmul over its group of tokens. The stacks hold experts
+    first_expert.. of the layer (expert parallelism); pairs routed to other experts are skipped."""
     inter = w2.shape[-1]
 
     def expert_out(expert: int, tokens: torch.Tensor) -> torch.Tensor:
         gate_up = F.linear(x[tokens], w13[expert])
         return F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2[expert])
 
-    return routed_sum(x, weights, ids, w13.shape[0], expert_out)
+    return routed_sum(x, weights, ids - first_expert, w13.shape[0], expert_out)
 
 
 def routed_sum(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
                expert_out: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """sum_j weights[t, j] * expert_out(ids[t, j], ...)[t] -> [T, H] in x's dtype. Token-expert pairs are sorted by
     expert once; expert_out(e, tokens) runs expert e on all its tokens at once (no loop over all experts per
-    token) and returns their outputs in x's dtype. The weighted combine accumulates in fp32, rounded once."""
+    token) and returns their outputs in x's dtype. The weighted combine accumulates in fp32, rounded once.
+    Pairs whose id lies outside [0, num_experts) belong to experts another rank holds: they are skipped."""
     num_tokens, top_k = ids.shape
     flat_ids = ids.reshape(-1).long()
+    flat_ids = torch.where((flat_ids >= 0) & (flat_ids < num_experts), flat_ids, num_experts)  # sorted last
     order = torch.argsort(flat_ids, stable=True)
     token_of_pair = order // top_k  # which token each sorted pair belongs to
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts].tolist()
     out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
     start = 0
     for expert, count in enumerate(counts):

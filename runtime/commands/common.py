@@ -22,10 +22,15 @@ def demo_config_path() -> Path:
 
 
 def load_engine(config: str | None, num_layers: int | None = None, label: str = "loading"):
-    """Build the engine for a YAML file (the embedded demo when None), with a progress bar over layers."""
+    """Build the engine for a YAML file (the embedded demo when None), with a progress bar over layers.
+
+    Under torchrun only rank 0 goes on with the command: every other rank runs the steps rank 0 sends and then
+    ends here (exit 0). Rank 0 tells them to stop when its command is done, whether it succeeded or not."""
     from moerun.runtime.engine import Engine
+    from moerun.runtime.launch import launch_env
 
     run: RunConfig = load_run_config(config or demo_config_path())
+    first = launch_env().rank == 0
     with contextlib.ExitStack() as stack:
         bar = None
 
@@ -35,7 +40,15 @@ def load_engine(config: str | None, num_layers: int | None = None, label: str = 
                 bar = stack.enter_context(click.progressbar(length=total, label=f"{label} {run.backend}", file=sys.stderr))
             bar.update(1)
 
-        return Engine(run, num_layers=num_layers, progress=progress)
+        engine = Engine(run, num_layers=num_layers, progress=progress if first else None)
+    if not engine.comm.is_first:
+        engine.run_worker()
+        engine.close()
+        raise SystemExit(0)
+    context = click.get_current_context(silent=True)
+    if context is not None:
+        context.call_on_close(engine.close)
+    return engine
 
 
 def parse_token_ids(text: str) -> list[int]:
