@@ -7,6 +7,8 @@ directly as their oracle, so they take plain tensors (no backend state) and work
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -45,35 +47,74 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     kv_cache[1].view(num_blocks * block_size, heads, dim)[slot_mapping] = v.to(kv_cache.dtype)
 
 
-def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first seq_len cached K and V of one sequence, [seq_len, Hkv, D] each."""
-    block_size = kv_cache.shape[2]
-    blocks = block_table[: (seq_len + block_size - 1) // block_size].long()
-    k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
-    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
-    return k, v
+@dataclasses.dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences of one step attended together in one padded SDPA call: [b, Qmax] queries over [b, S] keys.
+
+    Query heads that share a KV head are folded into the query axis (rows [g * Qmax], head h = kv * g + j), so
+    K and V are read once per KV head, never repeated."""
+
+    seqs: torch.Tensor  # int64 [b]: which sequences of the step
+    query_rows: torch.Tensor  # int64 [b, Qmax]: packed row of each padded query (padding repeats the last row)
+    valid: torch.Tensor  # bool [b, Qmax]: False on padding
+    key_slots: torch.Tensor  # int64 [b, S]: cache slot of each key (S covers whole blocks)
+    mask: torch.Tensor  # bool [b, 1, g * Qmax, S]: True = attended (causal, within the sequence)
+
+
+def attention_plan(query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor, block_size: int,
+                   group: int) -> list[AttentionGroup]:
+    """The index tensors of one step's attention, the same in every layer: built once per step.
+
+    Decode rows (one new token) and prefill rows (several) form separate groups, so a long prompt chunk does not
+    pad every decode row of a mixed batch to its length."""
+    device = block_tables.device
+    bounds = torch.tensor(query_start_loc, dtype=torch.int64, device=device)
+    starts, q_lens = bounds[:-1], bounds[1:] - bounds[:-1]
+    lens = torch.tensor(seq_lens, dtype=torch.int64, device=device)
+    groups = []
+    for members in (q_lens == 1, q_lens > 1):
+        seqs = members.nonzero().squeeze(1)
+        if seqs.numel() == 0:
+            continue
+        q_len, seq_len = q_lens[seqs, None], lens[seqs, None]
+        width = -(-int(seq_len.max()) // block_size)
+        offset = torch.arange(int(q_len.max()), device=device)[None, :]
+        last = torch.minimum(offset, q_len - 1)
+        position = seq_len - q_len + last  # each query's position; a padded row copies its sequence's last one
+        keys = torch.arange(width * block_size, device=device)
+        mask = keys[None, None, :] <= position[:, :, None]  # [b, Qmax, S]
+        slots = block_tables[seqs, :width].long()[:, :, None] * block_size + torch.arange(block_size, device=device)
+        groups.append(AttentionGroup(
+            seqs=seqs, query_rows=starts[seqs, None] + last, valid=offset < q_len,
+            key_slots=slots.flatten(1),
+            mask=mask[:, None].expand(-1, group, -1, -1).reshape(len(seqs), 1, -1, keys.numel())))
+    return groups
 
 
 def attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: list[int], seq_lens: list[int],
-              block_tables: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal GQA attention, one sequence at a time, in fp32. Query i of a sequence with q_len new tokens sits at
-    position seq_len - q_len + i and sees keys 0..that position."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
+              block_tables: torch.Tensor, scale: float, plan: list[AttentionGroup] | None = None) -> torch.Tensor:
+    """Causal GQA attention over the paged cache. Query i of a sequence with q_len new tokens sits at position
+    seq_len - q_len + i and sees keys 0..that position. Each group's K/V pages are gathered in the cache dtype
+    and attended in one scaled_dot_product_attention call (fp32 softmax and accumulation inside)."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, num_blocks, block_size, kv_heads, _ = kv_cache.shape
+    group = num_heads // kv_heads
+    if plan is None:
+        plan = attention_plan(query_start_loc, seq_lens, block_tables, block_size, group)
+    keys = kv_cache[0].view(num_blocks * block_size, kv_heads, head_dim)
+    values = kv_cache[1].view(num_blocks * block_size, kv_heads, head_dim)
     out = torch.empty_like(q)
-    for b, seq_len in enumerate(seq_lens):
-        start, end = query_start_loc[b], query_start_loc[b + 1]
-        q_len = end - start
-        k, v = gather_kv(kv_cache, block_tables[b], seq_len)
-        group = num_heads // k.shape[1]
-        k = k.float().repeat_interleave(group, dim=1)  # [S, Hq, D]
-        v = v.float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-        k_pos = torch.arange(seq_len, device=q.device)[None, :]
-        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[start:end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
-    return out.view(-1, num_heads, head_dim)
+    for g in plan:
+        b, q_max = g.query_rows.shape
+        # [b, Qmax, Hkv, g, D] -> [b, Hkv, g * Qmax, D]: the query heads of one KV head side by side
+        queries = q[g.query_rows].view(b, q_max, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+        k = keys[g.key_slots].transpose(1, 2)  # [b, Hkv, S, D]
+        v = values[g.key_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(queries.reshape(b, kv_heads, group * q_max, head_dim), k.to(q.dtype),
+                                           v.to(q.dtype), attn_mask=g.mask, scale=scale)
+        o = o.view(b, num_heads, q_max, head_dim).transpose(1, 2)  # [b, Qmax, Hq, D]
+        out[g.query_rows[g.valid]] = o[g.valid]
+    return out
 
 
 # ---- MoE ----------------------------------------------------------------------------------------------------------
@@ -90,27 +131,30 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[
 
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
             w2: torch.Tensor) -> torch.Tensor:
-    """Routed SwiGLU experts. Token-expert pairs are sorted by expert once; each expert that got tokens runs one
-    matmul over its group (no loop over all experts per token). The weighted combine accumulates in fp32."""
+    """Routed SwiGLU experts. Token-expert pairs are sorted by expert once; two grouped matmuls (one group per
+    expert, rows in expert order) run every expert's tokens in one call each. The weighted combine accumulates
+    in fp32."""
     num_tokens, top_k = ids.shape
     inter = w2.shape[-1]
     flat_ids = ids.reshape(-1).long()
     order = torch.argsort(flat_ids, stable=True)
     token_of_pair = order // top_k  # which token each sorted pair belongs to
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    ends = torch.bincount(flat_ids, minlength=w13.shape[0]).cumsum(0).to(torch.int32)
+    gate_up = _grouped_linear(x[token_of_pair], w13, ends)
+    y = _grouped_linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2, ends)
     out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        pairs = order[start:start + count]
-        tokens = token_of_pair[start:start + count]
-        start += count
-        gate_up = F.linear(x[tokens], w13[expert])
-        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = F.linear(hidden, w2[expert])
-        out.index_add_(0, tokens, y.float() * weights.reshape(-1)[pairs, None].float())
+    out.index_add_(0, token_of_pair, y.float() * weights.reshape(-1)[order, None].float())
     return out.to(x.dtype)
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows ends[e-1]:ends[e] of x [N, K] times w[e]^T ([E, out, K]) -> [N, out]. torch's grouped matmul needs
+    the contraction stride to be a multiple of 16 bytes; other widths (toy models) are zero-padded, which adds
+    exact zeros to every dot product."""
+    pad = -x.shape[-1] % (16 // x.element_size())
+    if pad:
+        x, w = F.pad(x, (0, pad)), F.pad(w, (0, pad))
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=ends)
 
 
 # ---- FP8 block dequantization (used by the loader and as the oracle for FP8 kernels) ------------------------------
