@@ -234,6 +234,7 @@ class Engine:
             if reason is not None:
                 self.scheduler.finish(request, reason)
             if new_tokens or reason is not None:
+                # a request's first output comes with its first token (or its end, if it asked for none)
                 outputs.append(self._output(request, new_tokens, first=request.num_output_tokens <= 1))
             if request.finished:
                 self._requests.pop(request.request_id, None)
@@ -241,11 +242,12 @@ class Engine:
 
     def _output(self, request: Request, new_tokens: list[int], first: bool) -> RequestOutput:
         params = request.params
+        new_logprobs = None
+        if params.logprobs is not None:
+            new_logprobs = request.logprobs[len(request.logprobs) - len(new_tokens):]
         return RequestOutput(
             request_id=request.request_id, new_token_ids=new_tokens, new_text=text_to_report(request),
-            output_token_ids=request.output_token_ids, output_text=request.output_text,
-            new_logprobs=request.logprobs[-len(new_tokens):] if params.logprobs is not None and new_tokens else (
-                [] if params.logprobs is not None else None),
+            output_token_ids=request.output_token_ids, output_text=request.output_text, new_logprobs=new_logprobs,
             prompt_logprobs=list(request.prompt_logprobs) if params.prompt_logprobs is not None and first else None,
             finished=request.finished, finish_reason=request.finish_reason, stop_reason=request.stop_reason,
             num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=request.num_cached_tokens)

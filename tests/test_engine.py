@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import run_yaml
 
+from moerun.backends.errors import ConfigError
 from moerun.runtime.engine import Engine
 from moerun.runtime.sampling_params import RequestError, SamplingParams
 
@@ -139,6 +140,8 @@ def test_requests_the_engine_can_never_serve_are_refused_with_one_line(hf_checkp
     engine.add_request("dup", [1, 2], SamplingParams(max_tokens=4))
     with pytest.raises(RequestError, match="already in use"):
         engine.add_request("dup", [3], SamplingParams())
+    with pytest.raises(ConfigError, match="scheduler.max_model_len: 4096 is more than the model's max_position_embeddings 512"):
+        engine_for(folder, write_yaml, "long.yaml", max_model_len=4096)
 
 
 def test_abort_frees_the_blocks_at_once(hf_checkpoint, write_yaml):

@@ -47,9 +47,8 @@ class CpuBackend(Backend):
     def attention(self, q, kv_cache, meta: AttentionMetadata, scale):
         plan = meta.derived.get("cpu_attention_plan")
         if plan is None:
-            group = q.shape[1] // kv_cache.shape[3]
             plan = meta.derived["cpu_attention_plan"] = ops.attention_plan(
-                meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables, meta.block_size, group)
+                meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables, meta.block_size, q.dtype)
         return ops.attention(q, kv_cache, meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables, scale, plan)
 
     def route(self, router_logits, bias, top_k):

@@ -8,6 +8,7 @@ directly as their oracle, so they take plain tensors (no backend state) and work
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -49,21 +50,18 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 @dataclasses.dataclass(frozen=True)
 class AttentionGroup:
-    """Sequences of one step attended together in one padded SDPA call: [b, Qmax] queries over [b, S] keys.
+    """Sequences of one step attended together in one padded SDPA call: [b, Qmax] queries over [b, S] keys."""
 
-    Query heads that share a KV head are folded into the query axis (rows [g * Qmax], head h = kv * g + j), so
-    K and V are read once per KV head, never repeated."""
-
-    seqs: torch.Tensor  # int64 [b]: which sequences of the step
     query_rows: torch.Tensor  # int64 [b, Qmax]: packed row of each padded query (padding repeats the last row)
     valid: torch.Tensor  # bool [b, Qmax]: False on padding
     key_slots: torch.Tensor  # int64 [b, S]: cache slot of each key (S covers whole blocks)
-    mask: torch.Tensor  # bool [b, 1, g * Qmax, S]: True = attended (causal, within the sequence)
+    mask: torch.Tensor  # [b, 1, Qmax, S] added to the scores: 0 where attended (causal, in the sequence), -inf else
 
 
 def attention_plan(query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor, block_size: int,
-                   group: int) -> list[AttentionGroup]:
-    """The index tensors of one step's attention, the same in every layer: built once per step.
+                   dtype: torch.dtype) -> list[AttentionGroup]:
+    """The index tensors and masks of one step's attention, the same in every layer: built once per step. The mask
+    is additive in the query dtype (SDPA would convert a boolean one on every call).
 
     Decode rows (one new token) and prefill rows (several) form separate groups, so a long prompt chunk does not
     pad every decode row of a mixed batch to its length."""
@@ -81,13 +79,11 @@ def attention_plan(query_start_loc: list[int], seq_lens: list[int], block_tables
         offset = torch.arange(int(q_len.max()), device=device)[None, :]
         last = torch.minimum(offset, q_len - 1)
         position = seq_len - q_len + last  # each query's position; a padded row copies its sequence's last one
-        keys = torch.arange(width * block_size, device=device)
-        mask = keys[None, None, :] <= position[:, :, None]  # [b, Qmax, S]
+        hidden = torch.arange(width * block_size, device=device)[None, None, :] > position[:, :, None]
         slots = block_tables[seqs, :width].long()[:, :, None] * block_size + torch.arange(block_size, device=device)
         groups.append(AttentionGroup(
-            seqs=seqs, query_rows=starts[seqs, None] + last, valid=offset < q_len,
-            key_slots=slots.flatten(1),
-            mask=mask[:, None].expand(-1, group, -1, -1).reshape(len(seqs), 1, -1, keys.numel())))
+            query_rows=starts[seqs, None] + last, valid=offset < q_len, key_slots=slots.flatten(1),
+            mask=torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, -math.inf)[:, None]))
     return groups
 
 
@@ -95,25 +91,30 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: list[int
               block_tables: torch.Tensor, scale: float, plan: list[AttentionGroup] | None = None) -> torch.Tensor:
     """Causal GQA attention over the paged cache. Query i of a sequence with q_len new tokens sits at position
     seq_len - q_len + i and sees keys 0..that position. Each group's K/V pages are gathered in the cache dtype
-    and attended in one scaled_dot_product_attention call (fp32 softmax and accumulation inside)."""
+    and attended in one scaled_dot_product_attention call (fp32 softmax and accumulation inside); query head h
+    reads KV head h // (Hq / Hkv), and K/V are never repeated per query head."""
     num_tokens, num_heads, head_dim = q.shape
     _, num_blocks, block_size, kv_heads, _ = kv_cache.shape
-    group = num_heads // kv_heads
     if plan is None:
-        plan = attention_plan(query_start_loc, seq_lens, block_tables, block_size, group)
+        plan = attention_plan(query_start_loc, seq_lens, block_tables, block_size, q.dtype)
     keys = kv_cache[0].view(num_blocks * block_size, kv_heads, head_dim)
     values = kv_cache[1].view(num_blocks * block_size, kv_heads, head_dim)
     out = torch.empty_like(q)
     for g in plan:
         b, q_max = g.query_rows.shape
-        # [b, Qmax, Hkv, g, D] -> [b, Hkv, g * Qmax, D]: the query heads of one KV head side by side
-        queries = q[g.query_rows].view(b, q_max, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-        k = keys[g.key_slots].transpose(1, 2)  # [b, Hkv, S, D]
-        v = values[g.key_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(queries.reshape(b, kv_heads, group * q_max, head_dim), k.to(q.dtype),
-                                           v.to(q.dtype), attn_mask=g.mask, scale=scale)
-        o = o.view(b, num_heads, q_max, head_dim).transpose(1, 2)  # [b, Qmax, Hq, D]
-        out[g.query_rows[g.valid]] = o[g.valid]
+        k = keys[g.key_slots].transpose(1, 2).to(q.dtype)  # [b, Hkv, S, D]
+        v = values[g.key_slots].transpose(1, 2).to(q.dtype)
+        if q_max == 1:
+            # One query per sequence: the query heads sharing a KV head become that head's rows [b, Hkv, g, D]
+            # (faster than SDPA's GQA path for a single query); the mask broadcasts over them.
+            rows = g.query_rows[:, 0]
+            o = F.scaled_dot_product_attention(q[rows].view(b, kv_heads, num_heads // kv_heads, head_dim), k, v,
+                                               attn_mask=g.mask, scale=scale)
+            out[rows] = o.reshape(b, num_heads, head_dim)
+        else:
+            o = F.scaled_dot_product_attention(q[g.query_rows].transpose(1, 2), k, v, attn_mask=g.mask, scale=scale,
+                                               enable_gqa=True)  # [b, Hq, Qmax, D]
+            out[g.query_rows[g.valid]] = o.transpose(1, 2)[g.valid]
     return out
 
 
