@@ -47,6 +47,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("stop", "stop_token_ids"):  # lists (JSON) are welcome; kept as tuples, hashable
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
     def with_defaults(self, defaults: GenerationDefaults) -> SamplingParams:
         """Fill every unset (None) sampling field from the checkpoint's generation defaults."""
         filled = {name: getattr(defaults, name) for name in _DEFAULTED if getattr(self, name) is None}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -132,20 +133,48 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[
 
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
             w2: torch.Tensor) -> torch.Tensor:
-    """Routed SwiGLU experts. Token-expert pairs are sorted by expert once; two grouped matmuls (one group per
-    expert, rows in expert order) run every expert's tokens in one call each. The weighted combine accumulates
-    in fp32."""
-    num_tokens, top_k = ids.shape
+    """Routed SwiGLU experts: two grouped matmuls (one group per expert, pairs in expert order) run every
+    expert's tokens in one call each, rounding as one linear per expert would."""
     inter = w2.shape[-1]
-    flat_ids = ids.reshape(-1).long()
-    order = torch.argsort(flat_ids, stable=True)
-    token_of_pair = order // top_k  # which token each sorted pair belongs to
-    ends = torch.bincount(flat_ids, minlength=w13.shape[0]).cumsum(0).to(torch.int32)
-    gate_up = _grouped_linear(x[token_of_pair], w13, ends)
-    y = _grouped_linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2, ends)
-    out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
-    out.index_add_(0, token_of_pair, y.float() * weights.reshape(-1)[order, None].float())
-    return out.to(x.dtype)
+    pairs = _ExpertPairs.of(ids, w13.shape[0])
+    gate_up = _grouped_linear(x[pairs.token], w13, pairs.ends)
+    y = _grouped_linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2, pairs.ends)
+    return pairs.combine(y, weights, x.dtype)
+
+
+def routed_sum(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+               expert_out: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_out(ids[t, j], ...)[t] -> [T, H] in x's dtype, for experts without a grouped
+    matmul: expert_out(e, tokens) runs expert e on all its tokens at once and returns their outputs."""
+    pairs = _ExpertPairs.of(ids, num_experts)
+    bounds = [0, *pairs.ends.tolist()]
+    y = torch.cat([expert_out(e, pairs.token[bounds[e]:bounds[e + 1]]) for e in range(num_experts)
+                   if bounds[e + 1] > bounds[e]])
+    return pairs.combine(y, weights, x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExpertPairs:
+    """The token-expert pairs of a routing, sorted by expert once."""
+
+    order: torch.Tensor  # int64 [T * k]: pair index (t * k + j) of each sorted position
+    token: torch.Tensor  # int64 [T * k]: the token of each sorted pair
+    ends: torch.Tensor  # int32 [E]: where each expert's pairs end in the sorted order
+    num_tokens: int
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, num_experts: int) -> _ExpertPairs:
+        num_tokens, top_k = ids.shape
+        flat = ids.reshape(-1).long()
+        order = torch.argsort(flat, stable=True)
+        ends = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
+        return cls(order, order // top_k, ends, num_tokens)
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The weighted sum of each token's expert outputs y [T * k, H] (sorted pairs), in fp32, rounded once."""
+        out = torch.zeros(self.num_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
+        out.index_add_(0, self.token, y.float() * weights.reshape(-1)[self.order, None].float())
+        return out.to(dtype)
 
 
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
