@@ -134,7 +134,10 @@ class Engine:
 
     # ---- conveniences on top ---------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
-        """Serve every prompt (continuously batched) to the end; each one's final output, in prompt order."""
+        """Serve every prompt (continuously batched) to the end; each one's final output, in prompt order. Runs
+        alone: the outputs of other requests in flight would be lost."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("Engine.generate runs alone; requests are in flight")
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         batch = next(self._ids)
         ids = [f"generate-{batch}-{i}" for i in range(len(prompts))]
