@@ -56,7 +56,7 @@ class CpuBackend(Backend):
         plan = meta.derived.get("cpu_attention_plan")
         if plan is None:
             plan = meta.derived["cpu_attention_plan"] = ops.attention_plan(
-                meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables, meta.block_size, q.dtype)
+                meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables, kv_cache, q.dtype)
         return ops.attention(q, kv_cache, meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables, scale, plan)
 
     def route(self, router_logits, bias, top_k):

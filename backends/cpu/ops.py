@@ -55,18 +55,23 @@ class AttentionGroup:
 
     query_rows: torch.Tensor  # int64 [b, Qmax]: packed row of each padded query (padding repeats the last row)
     valid: torch.Tensor  # bool [b, Qmax]: False on padding
-    key_slots: torch.Tensor  # int64 [b, S]: cache slot of each key (S covers whole blocks)
+    key_slots: torch.Tensor  # int64 [b * S]: cache slot of each key (S covers whole blocks)
     mask: torch.Tensor  # [b, 1, Qmax, S] added to the scores: 0 where attended (causal, in the sequence), -inf else
+    # Where each layer gathers the group's K and V [b, S, Hkv, D]: allocated once per step, not once per layer
+    # (a fresh allocation of this size is fresh pages from the OS, whose first touch costs more than the copy).
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
-def attention_plan(query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor, block_size: int,
-                   dtype: torch.dtype) -> list[AttentionGroup]:
-    """The index tensors and masks of one step's attention, the same in every layer: built once per step. The mask
-    is additive in the query dtype (SDPA would convert a boolean one on every call).
+def attention_plan(query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor,
+                   kv_cache: torch.Tensor, dtype: torch.dtype) -> list[AttentionGroup]:
+    """The index tensors, masks and gather buffers of one step's attention, the same in every layer: built once per
+    step. The mask is additive in the query dtype (SDPA would convert a boolean one on every call).
 
     Decode rows (one new token) and prefill rows (several) form separate groups, so a long prompt chunk does not
     pad every decode row of a mixed batch to its length."""
     device = block_tables.device
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
     bounds = torch.tensor(query_start_loc, dtype=torch.int64, device=device)
     starts, q_lens = bounds[:-1], bounds[1:] - bounds[:-1]
     lens = torch.tensor(seq_lens, dtype=torch.int64, device=device)
@@ -82,9 +87,11 @@ def attention_plan(query_start_loc: list[int], seq_lens: list[int], block_tables
         position = seq_len - q_len + last  # each query's position; a padded row copies its sequence's last one
         hidden = torch.arange(width * block_size, device=device)[None, None, :] > position[:, :, None]
         slots = block_tables[seqs, :width].long()[:, :, None] * block_size + torch.arange(block_size, device=device)
+        gathered = (len(seqs), width * block_size, kv_heads, head_dim)
         groups.append(AttentionGroup(
-            query_rows=starts[seqs, None] + last, valid=offset < q_len, key_slots=slots.flatten(1),
-            mask=torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, -math.inf)[:, None]))
+            query_rows=starts[seqs, None] + last, valid=offset < q_len, key_slots=slots.flatten(),
+            mask=torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, -math.inf)[:, None],
+            keys=kv_cache.new_empty(gathered), values=kv_cache.new_empty(gathered)))
     return groups
 
 
@@ -97,14 +104,15 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: list[int
     num_tokens, num_heads, head_dim = q.shape
     _, num_blocks, block_size, kv_heads, _ = kv_cache.shape
     if plan is None:
-        plan = attention_plan(query_start_loc, seq_lens, block_tables, block_size, q.dtype)
+        plan = attention_plan(query_start_loc, seq_lens, block_tables, kv_cache, q.dtype)
     keys = kv_cache[0].view(num_blocks * block_size, kv_heads, head_dim)
     values = kv_cache[1].view(num_blocks * block_size, kv_heads, head_dim)
     out = torch.empty_like(q)
     for g in plan:
         b, q_max = g.query_rows.shape
-        k = keys[g.key_slots].transpose(1, 2).to(q.dtype)  # [b, Hkv, S, D]
-        v = values[g.key_slots].transpose(1, 2).to(q.dtype)
+        torch.index_select(keys, 0, g.key_slots, out=g.keys.view(-1, kv_heads, head_dim))
+        torch.index_select(values, 0, g.key_slots, out=g.values.view(-1, kv_heads, head_dim))
+        k, v = g.keys.transpose(1, 2).to(q.dtype), g.values.transpose(1, 2).to(q.dtype)  # [b, Hkv, S, D]
         if q_max == 1:
             # One query per sequence: the query heads sharing a KV head become that head's rows [b, Hkv, g, D]
             # (faster than SDPA's GQA path for a single query); the mask broadcasts over them.
