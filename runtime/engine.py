@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from moerun.backends.base import get_backend_class
 from moerun.backends.errors import CheckpointError, ConfigError
 from moerun.runtime.block_manager import BlockManager
 from moerun.runtime.detokenizer import IncrementalDetokenizer
@@ -59,15 +60,13 @@ class Engine:
         generation_config = read_optional_json(self.folder / "generation_config.json")
         self.generation_defaults = GenerationDefaults.from_generation_config(generation_config)
         self.eos_token_ids = self._tokenizer.eos_token_ids if self._tokenizer else _eos_ids(generation_config, cfg.eos_token_ids)
-        self.max_model_len = run.scheduler.max_model_len or cfg.max_position_embeddings
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ConfigError(f"{run.source}: scheduler.max_model_len: {self.max_model_len} is more than the model's "
-                              f"max_position_embeddings {cfg.max_position_embeddings}")
+        block_size = run.kv_block_size or get_backend_class(run.backend).capabilities.kv_block_sizes[0]
+        self.max_model_len = _max_model_len(run, cfg.max_position_embeddings, run.kv_num_blocks * block_size)
         # The tokenizer's vocabulary: a checkpoint's vocab_size may be padded past it, and those ids never sampled.
         sample_vocab = min(cfg.vocab_size, self._tokenizer.vocab_size) if self._tokenizer else cfg.vocab_size
-        self.runner = ModelRunner(run, self.folder, cfg, num_layers or run.num_layers or cfg.num_layers,
+        self.runner = ModelRunner(run, self.folder, cfg, num_layers or run.num_layers or cfg.num_layers, block_size,
                                   self.max_model_len, sample_vocab, progress)
-        self.block_manager = BlockManager(run.kv_num_blocks, self.runner.block_size, run.scheduler.enable_prefix_caching)
+        self.block_manager = BlockManager(run.kv_num_blocks, block_size, run.scheduler.enable_prefix_caching)
         self.scheduler = Scheduler(run.scheduler, self.block_manager)
         self._requests: dict[str, Request] = {}
         self._seeds = random.Random()  # seeds of requests that bring none
@@ -192,13 +191,6 @@ class Engine:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the completion). "
                 f"Please reduce the length of the messages or completion.")
-        # The last output token is never fed back, so it needs no cache slot.
-        blocks = self.block_manager.blocks_for(num_prompt + max(max_tokens - 1, 0))
-        if blocks > self.block_manager.num_blocks:
-            raise RequestError(
-                f"the request needs {blocks} KV cache blocks of {self.block_size} tokens ({num_prompt} prompt + "
-                f"{max_tokens} completion tokens) but the cache has {self.block_manager.num_blocks}: lower max_tokens "
-                f"or raise kv_cache.num_blocks")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         detokenizer = (IncrementalDetokenizer(self._tokenizer, prompt, params.skip_special_tokens)
                        if self._tokenizer is not None else None)
@@ -254,6 +246,19 @@ class Engine:
             prompt_logprobs=list(request.prompt_logprobs) if params.prompt_logprobs is not None and first else None,
             finished=request.finished, finish_reason=request.finish_reason, stop_reason=request.stop_reason,
             num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=request.num_cached_tokens)
+
+
+def _max_model_len(run: RunConfig, max_positions: int, cache_tokens: int) -> int:
+    """scheduler.max_model_len, else the model's max_position_embeddings, within what the KV cache holds: every
+    request that fits max_model_len then fits the cache alone, so it is refused at once or served eventually."""
+    asked = run.scheduler.max_model_len
+    if asked is not None and asked > max_positions:
+        raise ConfigError(f"{run.source}: scheduler.max_model_len: {asked} is more than the model's "
+                          f"max_position_embeddings {max_positions}")
+    if asked is not None and asked > cache_tokens:
+        raise ConfigError(f"{run.source}: scheduler.max_model_len: {asked} tokens do not fit the KV cache "
+                          f"({cache_tokens} tokens: kv_cache.num_blocks x block_size); raise kv_cache.num_blocks")
+    return asked or min(max_positions, cache_tokens)
 
 
 def _eos_ids(generation_config: dict, config_eos: tuple[int, ...]) -> tuple[int, ...]:

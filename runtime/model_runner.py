@@ -50,11 +50,11 @@ class _RowPlan:
 
 
 class ModelRunner:
-    def __init__(self, run: RunConfig, folder: Path, config: ModelConfig, num_layers: int, max_model_len: int,
-                 sample_vocab_size: int, progress: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, run: RunConfig, folder: Path, config: ModelConfig, num_layers: int, block_size: int,
+                 max_model_len: int, sample_vocab_size: int, progress: Callable[[int, int], None] | None = None) -> None:
         self.config = cfg = config
         self.backend = backend = get_backend_class(run.backend)(run.backend_options, run.dtype)
-        self.block_size = block_size = run.kv_block_size or backend.capabilities.kv_block_sizes[0]
+        self.block_size = block_size
         # The backend refuses a model its kernels cannot run now, not at the first request.
         backend.check_model(ModelSpec(
             hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
@@ -68,7 +68,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(backend, num_layers, run.kv_num_blocks, block_size, cfg.num_kv_heads,
                                             cfg.head_dim)
         sched = run.scheduler
-        max_blocks_per_seq = min(run.kv_num_blocks, -(-max_model_len // block_size))
+        max_blocks_per_seq = -(-max_model_len // block_size)
         self.builder = StepBuilder(backend.device, block_size, sched.max_num_batched_tokens, sched.max_num_seqs,
                                    max_blocks_per_seq)
         # Decode steps may be replayed as device graphs; other steps run the graph eagerly.
