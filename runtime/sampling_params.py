@@ -95,10 +95,6 @@ class SamplingParams:
             if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
                 raise RequestError(f"stop_token_ids: {token!r} is outside the vocabulary (allowed: 0..{vocab_size - 1})")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
 
 @dataclasses.dataclass(frozen=True)
 class GenerationDefaults:
