@@ -9,6 +9,11 @@
       block_size: null           # null: the backend's default
       num_blocks: 512
       memory_fraction: 0.9       # of device memory for weights, reserve and KV (sizing, moerun plan)
+    scheduler:
+      max_num_seqs: 256          # requests in flight at once
+      max_num_batched_tokens: 2048   # tokens per forward step (decodes + prefill chunks)
+      max_model_len: null        # null: the checkpoint's max_position_embeddings
+      enable_prefix_caching: true
     parallel: {tensor_parallel_size: 1}   # multi-device layout (runtime/parallel_config.py)
     cpu: {threads: 0}            # each backend's own section, validated by that backend
 
@@ -30,9 +35,19 @@ from moerun.runtime.parallel_config import ParallelConfig, parse_parallel_config
 
 BUILTIN_DEMO = "builtin:demo"
 
-_TOP_KEYS = {"backend", "model", "kv_cache", "parallel"}
+_TOP_KEYS = {"backend", "model", "kv_cache", "scheduler", "parallel"}
 _MODEL_KEYS = {"path": str, "dtype": str, "num_layers": int}
 _KV_KEYS = {"block_size": int, "num_blocks": int, "memory_fraction": float}
+_SCHEDULER_KEYS = {"max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int,
+                   "enable_prefix_caching": bool}
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    enable_prefix_caching: bool = True
 
 
 @dataclasses.dataclass
@@ -45,6 +60,7 @@ class RunConfig:
     kv_num_blocks: int
     backend_options: dict[str, Any]  # the chosen backend's section, validated, defaults filled
     source: str  # where the config came from, for messages
+    scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     kv_memory_fraction: float = 0.9  # of a device's memory, for weights + reserve + KV cache (capacity.py)
 
@@ -103,6 +119,11 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
     if num_blocks <= 0:
         raise ConfigError(f"{source}: kv_cache.num_blocks: must be a positive int, got {num_blocks}")
 
+    scheduler = SchedulerConfig(**_section(raw, "scheduler", _SCHEDULER_KEYS, source, required=False))
+    for key in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        value = getattr(scheduler, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{source}: scheduler.{key}: must be a positive int, got {value}")
     memory_fraction = kv.get("memory_fraction", 0.9)
     if not 0 < memory_fraction <= 1:
         raise ConfigError(f"{source}: kv_cache.memory_fraction: must lie in (0, 1], got {memory_fraction}")
@@ -125,7 +146,8 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
 
     return RunConfig(backend=backend, model_path=model_path, dtype=dtype, num_layers=num_layers,
                      kv_block_size=block_size, kv_num_blocks=num_blocks, backend_options=options, source=source,
-                     parallel=parse_parallel_config(raw.get("parallel"), source), kv_memory_fraction=memory_fraction)
+                     scheduler=scheduler, parallel=parse_parallel_config(raw.get("parallel"), source),
+                     kv_memory_fraction=memory_fraction)
 
 
 def _mapping(value: Any, key: str, source: str) -> dict:
@@ -144,6 +166,6 @@ def _section(raw: dict, key: str, schema: dict[str, type], source: str, required
         if k not in schema:
             raise ConfigError(f"{source}: {key}.{k}: unknown key (allowed: {', '.join(schema)})")
         kind = schema[k]
-        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+        if v is not None and (not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool)):
             raise ConfigError(f"{source}: {key}.{k}: expected {kind.__name__}, got {v!r}")
     return {k: v for k, v in section.items() if v is not None}

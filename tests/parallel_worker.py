@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from moerun.runtime.engine import Engine
 from moerun.runtime.launch import launch_env
-from moerun.runtime.sampling import SamplingParams
+from moerun.runtime.sampling_params import SamplingParams
 
 
 def main(out: Path) -> None:
@@ -27,8 +27,9 @@ def main(out: Path) -> None:
         (out / f"{job['name']}.bytes{rank}").write_text(str(engine.bytes_read))
         if engine.comm.is_first:
             logits = engine.logits(spec["token_ids"]).numpy()
-            greedy = engine.generate(spec["prompts"], SamplingParams(max_tokens=spec["max_tokens"]))
-            np.savez(out / f"{job['name']}.npz", logits=logits, greedy=np.array(greedy))
+            outputs = engine.generate(spec["prompts"], SamplingParams(temperature=0, max_tokens=spec["max_tokens"],
+                                                                      ignore_eos=True))
+            np.savez(out / f"{job['name']}.npz", logits=logits, greedy=np.array([o.output_token_ids for o in outputs]))
         else:
             engine.run_worker()
         engine.close()

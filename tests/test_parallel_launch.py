@@ -26,7 +26,7 @@ from launching import LAUNCH_TIMEOUT_S, error_lines, free_port, quiet_env, rank_
 from moerun.runtime import capacity
 from moerun.runtime.engine import Engine
 from moerun.runtime.model_config import load_model_config
-from moerun.runtime.sampling import SamplingParams
+from moerun.runtime.sampling_params import SamplingParams
 from moerun.runtime.shard_plan import ShardPlan
 
 TOKENS = [1, 17, 42, 5, 99, 3, 150, 7, 7, 7, 200, 64, 11, 0, 123, 45, 46, 47, 8, 2, 190, 33, 12]
@@ -99,8 +99,8 @@ def test_world_of_four_matches_one_device(backend, layout, world_of_four, write_
     result = np.load(out / f"{backend}_{layout}.npz")
     single = Engine.from_config(write_yaml(parallel_yaml(folder, backend), f"{backend}.yaml"))
     assert_same_logits(result["logits"], single.logits(TOKENS).numpy(), 1e-5)
-    greedy = single.generate(PROMPTS, SamplingParams(max_tokens=6))
-    assert result["greedy"].tolist() == greedy
+    greedy = single.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert result["greedy"].tolist() == [o.output_token_ids for o in greedy]
 
 
 @pytest.mark.parametrize("layout", list(WORLD4_LAYOUTS))
@@ -126,7 +126,7 @@ def test_greedy_generate_command_on_two_ranks_matches_one(write_yaml, tmp_path):
     """`moerun generate` on the demo checkpoint (with its tokenizer and chat template), TP2 under torchrun, prints
     the text one process prints."""
     demo = {"backend": "cpu", "model": {"path": "builtin:demo", "dtype": "float32"}, "kv_cache": {"num_blocks": 32}}
-    args = ["generate", "-p", "hello there", "--max-tokens", "12"]
+    args = ["generate", "-p", "hello there", "--max-tokens", "12", "--temperature", "0"]
     one = subprocess.run([sys.executable, "-m", "moerun", *args, "-c", str(write_yaml(demo, "one.yaml"))],
                          cwd=tmp_path, env=quiet_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert one.returncode == 0, one.stderr
