@@ -24,6 +24,7 @@ COMMANDS = (
     "moerun.runtime.commands.smoke:smoke",
     "moerun.runtime.commands.parity:parity",
     "moerun.runtime.commands.quantize:quantize",
+    "moerun.runtime.commands.plan:plan",
     "moerun.runtime.bench:bench",
 )
 

@@ -110,7 +110,8 @@ def _row(p: LayoutPlan, chosen: tuple[int, int], max_len: int) -> list[str]:
     elif p.kv_tokens < max_len:
         fits, note = "short", f"less than one {max_len:,}-token sequence"
     else:
-        fits, note = "yes", f"{p.kv_tokens // max_len} full-length sequences"
+        full = p.kv_tokens // max_len
+        fits, note = "yes", f"{full} full-length sequence{'s' if full > 1 else ''}"
     if p.notes:
         note = "; ".join([note, *p.notes])
     return [layout, _gb(p.weights), f"{p.kv_per_token:,}", _gb(p.reserve), f"{max(p.kv_tokens, 0):,}", fits, note]
