@@ -9,6 +9,7 @@ tests, parity) goes through here. Not thread-safe: one thread drives add_request
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import random
 import time
@@ -61,12 +62,15 @@ class Engine:
         self.generation_defaults = GenerationDefaults.from_generation_config(generation_config)
         self.eos_token_ids = self._tokenizer.eos_token_ids if self._tokenizer else _eos_ids(generation_config, cfg.eos_token_ids)
         block_size = run.kv_block_size or get_backend_class(run.backend).capabilities.kv_block_sizes[0]
-        self.max_model_len = _max_model_len(run, cfg.max_position_embeddings, run.kv_num_blocks * block_size)
+        max_model_len_for = functools.partial(_max_model_len, run, cfg.max_position_embeddings)
+        if run.kv_num_blocks is not None:  # a max_model_len the configured cache cannot hold: refused before loading
+            max_model_len_for(run.kv_num_blocks * block_size)
         # The tokenizer's vocabulary: a checkpoint's vocab_size may be padded past it, and those ids never sampled.
         sample_vocab = min(cfg.vocab_size, self._tokenizer.vocab_size) if self._tokenizer else cfg.vocab_size
         self.runner = ModelRunner(run, self.folder, cfg, num_layers or run.num_layers or cfg.num_layers, block_size,
-                                  self.max_model_len, sample_vocab, progress)
-        self.block_manager = BlockManager(run.kv_num_blocks, block_size, run.scheduler.enable_prefix_caching)
+                                  max_model_len_for, sample_vocab, progress)
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, run.scheduler.enable_prefix_caching)
         self.scheduler = Scheduler(run.scheduler, self.block_manager)
         self._requests: dict[str, Request] = {}
         self._seeds = random.Random()  # seeds of requests that bring none

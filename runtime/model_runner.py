@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from moerun.backends.base import ModelSpec
-from moerun.backends.errors import ConfigError
-from moerun.runtime import step_broadcast
+from moerun.backends.errors import ConfigError, ResourceError
+from moerun.runtime import capacity, step_broadcast
 from moerun.runtime.checkpoint import Checkpoint
 from moerun.runtime.kv_cache import allocate_kv_caches
 from moerun.runtime.launch import place
 from moerun.runtime.loader import WeightLoader
+from moerun.runtime.memory import format_bytes, memory_free
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.request import LogprobEntry, Request
@@ -54,7 +55,9 @@ class _RowPlan:
 
 class ModelRunner:
     def __init__(self, run: RunConfig, folder: Path, config: ModelConfig, num_layers: int, block_size: int,
-                 max_model_len: int, sample_vocab_size: int, progress: Callable[[int, int], None] | None = None) -> None:
+                 max_model_len_for: Callable[[int], int], sample_vocab_size: int,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        """max_model_len_for(cache tokens): the longest request a KV cache of that many tokens allows."""
         self.config = cfg = config
         placement = place(run, cfg)
         self.backend = backend = placement.backend
@@ -69,14 +72,17 @@ class ModelRunner:
             kv_block_size=block_size, fp8_block=cfg.fp8_block))
         if num_layers > cfg.num_layers:
             raise ConfigError(f"model.num_layers: {num_layers} is more than the checkpoint's {cfg.num_layers} layers")
+        free_before = memory_free(backend)
         loader = WeightLoader(Checkpoint(folder), cfg, backend, plan)
         weights = loader.load(num_layers, progress)
         self.bytes_read = loader.bytes_read  # of the checkpoint, by this rank
         self.model = MiniMaxM2Model(cfg, weights, backend, self.comm, plan)
-        self.kv_caches = allocate_kv_caches(backend, num_layers, run.kv_num_blocks, block_size,
+        self.num_blocks = run.kv_num_blocks or self._blocks_that_fit(run, num_layers, free_before)
+        self.max_model_len = max_model_len_for(self.num_blocks * block_size)
+        self.kv_caches = allocate_kv_caches(backend, num_layers, self.num_blocks, block_size,
                                             len(plan.local_kv_heads(cfg.num_kv_heads)), cfg.head_dim)
         sched = run.scheduler
-        max_blocks_per_seq = -(-max_model_len // block_size)
+        max_blocks_per_seq = -(-self.max_model_len // block_size)
         self.builder = StepBuilder(backend.device, block_size, sched.max_num_batched_tokens, sched.max_num_seqs,
                                    max_blocks_per_seq)
         # Decode steps may be replayed as device graphs (on one rank: collectives inside a captured graph are not
@@ -85,6 +91,32 @@ class ModelRunner:
             self.model.forward, max_num_seqs=sched.max_num_seqs, max_blocks_per_seq=max_blocks_per_seq)
         self.sample_vocab_size = sample_vocab_size
         self.sampler = Sampler(sample_vocab_size, backend.device, sched.max_num_seqs)
+
+    def _blocks_that_fit(self, run: RunConfig, num_layers: int, free_before: int | None) -> int:
+        """kv_cache.num_blocks unset: the blocks that fit in kv_cache.memory_fraction of the memory that was free
+        before the weights, after the weights (as they turned out) and the step reserve (runtime/capacity.py, the
+        arithmetic of `moerun plan`); at most what max_num_seqs requests of the longest length could hold; the
+        smallest over the ranks, which must all hold the same blocks."""
+        cfg, sched, backend = self.config, run.scheduler, self.backend
+        free_after = memory_free(backend)
+        if free_before is None or free_after is None:
+            raise ConfigError(f"{run.source}: kv_cache.num_blocks: the {backend.name} backend does not report its "
+                              f"free memory, so the KV cache cannot be sized from it: give num_blocks")
+        reserve = capacity.reserve_bytes(cfg, self.plan, run.dtype_name, sched.max_num_batched_tokens,
+                                         sched.max_num_seqs, accelerator=backend.device.type != "cpu")
+        per_token = capacity.kv_bytes_per_token(cfg, self.plan, run.dtype_name, num_layers)
+        tokens = capacity.kv_tokens(free_before, run.kv_memory_fraction, free_before - free_after, reserve, per_token)
+        longest = sched.max_model_len or cfg.max_position_embeddings
+        blocks = min(tokens // self.block_size, sched.max_num_seqs * -(-longest // self.block_size))
+        blocks = int(self.comm.world.all_gather(torch.tensor([blocks])).min())
+        if blocks < 1:
+            raise ResourceError(
+                f"no memory left for the KV cache on {backend.device}: {format_bytes(free_before)} free before "
+                f"loading, x kv_cache.memory_fraction {run.kv_memory_fraction:g}, minus the weights "
+                f"({format_bytes(free_before - free_after)}) and the step reserve ({format_bytes(reserve)}) leaves "
+                f"less than one block; use more devices, fewer layers, a smaller scheduler.max_num_batched_tokens, "
+                f"or check `moerun plan`")
+        return blocks
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest], observe: Observe | None = None) -> list[StepResult]:

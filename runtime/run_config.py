@@ -7,7 +7,7 @@
       num_layers: null           # load only the first N decoder layers (smoke tests of huge checkpoints)
     kv_cache:
       block_size: null           # null: the backend's default
-      num_blocks: 512
+      num_blocks: null           # null: as many as fit in memory_fraction of the free memory
       memory_fraction: 0.9       # of device memory for weights, reserve and KV (sizing, moerun plan)
     scheduler:
       max_num_seqs: 256          # requests in flight at once
@@ -57,7 +57,7 @@ class RunConfig:
     dtype: torch.dtype
     num_layers: int | None
     kv_block_size: int | None
-    kv_num_blocks: int
+    kv_num_blocks: int | None  # None: as many as fit (kv_cache.memory_fraction)
     backend_options: dict[str, Any]  # the chosen backend's section, validated, defaults filled
     source: str  # where the config came from, for messages
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -115,8 +115,8 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
     if block_size is not None and block_size not in backend_cls.capabilities.kv_block_sizes:
         allowed = ", ".join(map(str, backend_cls.capabilities.kv_block_sizes))
         raise ConfigError(f"{source}: kv_cache.block_size: {block_size} is not supported by backend {backend} (allowed: {allowed})")
-    num_blocks = kv.get("num_blocks", 512)
-    if num_blocks <= 0:
+    num_blocks = kv.get("num_blocks")  # None: sized from the free memory when the engine is built
+    if num_blocks is not None and num_blocks <= 0:
         raise ConfigError(f"{source}: kv_cache.num_blocks: must be a positive int, got {num_blocks}")
 
     scheduler = SchedulerConfig(**_section(raw, "scheduler", _SCHEDULER_KEYS, source, required=False))
