@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from w8a8_checkpoints import W8A8Loader
 
+import moerun.runtime.launch as launch
 import moerun.runtime.model_runner as model_runner
 from moerun.backends.cpu.backend import CpuBackend
 from moerun.runtime.engine import Engine
@@ -105,6 +106,6 @@ def test_a_backend_without_w8a8_runs_the_dequantized_weights(w8a8_checkpoint, w8
     (tmp_path / "float" / "config.json").write_text((folder / "config.json").read_text())
     ref = hf_logits(MiniMaxM2ForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32), TOKENS)
 
-    monkeypatch.setattr(model_runner, "get_backend_class", lambda name: FloatOnly)
+    monkeypatch.setattr(launch, "get_backend_class", lambda name: FloatOnly)
     ours = w8a8_engine(folder).logits(TOKENS)
     assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()

@@ -40,6 +40,7 @@ class W8A8Loader:
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, backend: Backend, plan=None) -> None:
         self.ckpt, self.cfg, self.backend = ckpt, cfg, backend
         self.description = w8a8_format.read_description(ckpt.folder)
+        self.bytes_read = 0  # WeightLoader counts a rank's slice reads; one rank reads everything here
 
     def load(self, num_layers: int, progress=None) -> ModelWeights:
         ckpt, cfg = self.ckpt, self.cfg
