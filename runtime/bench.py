@@ -45,6 +45,7 @@ from moerun.backends.cpu.ops import dequantize_fp8_block
 from moerun.backends.errors import MoerunError
 from moerun.runtime.batch import Sequence, build_step
 from moerun.runtime.bench_transformers import VARIANTS, TransformersPeer
+from moerun.runtime.commands.bench_serve import serve
 from moerun.runtime.kv_cache import PagedKVCache
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import ModelConfig
@@ -548,7 +549,7 @@ def _variants(text: str) -> tuple[str, ...]:
     return names
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("-c", "--config", type=str, default=None,
               help="YAML target: its backend, backend options, dtype and KV block size (default: the embedded demo).")
 @click.option("--small/--full", default=None, help="Miniature dimensions (default: on CPU devices) or MiniMax-M2's.")
@@ -572,7 +573,11 @@ def _variants(text: str) -> tuple[str, ...]:
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup, threads, fp8, compare, hf_variants,
           out, seed):
-    """Decode and prefill speed of a synthetic MiniMax-M2, with MBU and MFU measured against this device."""
+    """Decode and prefill speed of a synthetic MiniMax-M2, with MBU and MFU measured against this device.
+
+    `moerun bench serve` loads an OpenAI-compatible endpoint instead (see `moerun bench serve --help`)."""
+    if click.get_current_context().invoked_subcommand:
+        return  # a subcommand runs instead of the model benchmark
     config = config or str(resources.files("moerun.configs") / "demo.yaml")
     run = load_run_config(config)
     if compare and fp8:
@@ -644,3 +649,6 @@ def _bench(run: RunConfig, small, layers, batches, context, prefill_tokens, step
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     click.echo(f"\nwrote {path}")
+
+
+bench.add_command(serve)
