@@ -43,13 +43,13 @@ import torch
 from moerun.backends.base import Backend, ExpertWeights, LinearWeight, ModelSpec, get_backend_class
 from moerun.backends.cpu.ops import dequantize_fp8_block
 from moerun.backends.errors import MoerunError
-from moerun.runtime.batch import Sequence, build_step
 from moerun.runtime.bench_transformers import VARIANTS, TransformersPeer
 from moerun.runtime.commands.bench_serve import serve
-from moerun.runtime.kv_cache import PagedKVCache
+from moerun.runtime.kv_cache import allocate_kv_caches
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.run_config import RunConfig, load_run_config
+from moerun.runtime.step_builder import StepBuilder, StepSequence
 from moerun.runtime.table import format_table
 from moerun.runtime.weights import LayerWeights, ModelWeights
 
@@ -280,48 +280,45 @@ def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
 
 
 class OwnSteps:
-    """moerun's side of a measurement: sequences in the paged KV cache and the packed inputs of their steps. The
-    only code of the bench that knows the engine's sequence, step-builder and cache types."""
+    """moerun's side of a measurement: the KV cache storage and the packed inputs of each step, sequence i owning
+    blocks i*n .. (i+1)*n - 1 (n blocks hold context + 1 tokens; the prompt owns the first blocks). The only code of
+    the bench that knows the engine's step builder and cache storage."""
 
     CONTEXT_CHUNK_TOKENS = 16384  # the untimed context prefill runs in steps of at most this many tokens
 
-    def __init__(self, backend: Backend, cfg: ModelConfig, num_blocks: int, block_size: int) -> None:
-        self.device = backend.device
-        self.cache = PagedKVCache(backend, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    def __init__(self, backend: Backend, cfg: ModelConfig, plan: Plan, block_size: int) -> None:
+        self.block_size = block_size
+        self.blocks_per_seq = -(-(plan.context + 1) // block_size)
+        prefill_blocks = -(-plan.prefill_tokens // block_size)
+        max_batch = max(plan.batches)
+        self.kv_caches = allocate_kv_caches(backend, cfg.num_layers, max(max_batch * self.blocks_per_seq, prefill_blocks),
+                                            block_size, cfg.num_kv_heads, cfg.head_dim)
+        max_tokens = max(min(self.CONTEXT_CHUNK_TOKENS, max_batch * plan.context), max_batch, plan.prefill_tokens)
+        self.builder = StepBuilder(backend.device, block_size, max_tokens, max_batch,
+                                   max(self.blocks_per_seq, prefill_blocks))
 
-    @property
-    def kv_caches(self) -> list[Any]:
-        return self.cache.layers
+    def _blocks(self, i: int) -> range:
+        return range(i * self.blocks_per_seq, (i + 1) * self.blocks_per_seq)
 
-    def fill(self, model: MiniMaxM2Model, context_ids: torch.Tensor) -> list[Sequence]:
-        """One sequence per row of context_ids [B, C], its C tokens prefilled into the cache (untimed)."""
+    def fill(self, model: MiniMaxM2Model, context_ids: torch.Tensor) -> None:
+        """Prefill each row of context_ids [B, C] into its sequence's blocks (untimed)."""
         rows = context_ids.tolist()
-        seqs = [Sequence([]) for _ in rows]
         chunk = max(1, self.CONTEXT_CHUNK_TOKENS // len(rows))
-        for end in range(chunk, len(rows[0]) + chunk, chunk):
-            for seq, row in zip(seqs, rows):
-                seq.num_cached = len(seq.token_ids)
-                seq.token_ids = row[:end]
-            inputs = build_step(seqs, self.cache, self.device)
+        for start in range(0, len(rows[0]), chunk):
+            inputs = self.builder.build([StepSequence(row[start:start + chunk], start, self._blocks(i))
+                                         for i, row in enumerate(rows)], [0])
             model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
-        for seq in seqs:
-            seq.num_cached = len(seq.token_ids)
-        return seqs
 
-    def decode_inputs(self, seqs: list[Sequence], next_ids: torch.Tensor):
-        """The step adding next_ids[b] to sequence b, at position C (it rewrites that slot each time it runs)."""
-        for seq, token in zip(seqs, next_ids.tolist()):
-            seq.token_ids = seq.token_ids[:seq.num_cached] + [token]
-        return build_step(seqs, self.cache, self.device)
+    def decode_inputs(self, next_ids: torch.Tensor, context: int):
+        """The step adding next_ids[b] to sequence b at position C (it rewrites that slot each time it runs)."""
+        seqs = [StepSequence([token], context, self._blocks(i)) for i, token in enumerate(next_ids.tolist())]
+        return self.builder.build(seqs, list(range(len(seqs))))
 
-    def prompt(self, prompt_ids: torch.Tensor) -> tuple[list[Sequence], Any]:
-        """A fresh sequence of the prompt's tokens and the step that prefills all of them."""
-        seqs = [Sequence(prompt_ids.tolist())]
-        return seqs, build_step(seqs, self.cache, self.device)
-
-    def release(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            self.cache.release(seq.block_table)
+    def prompt(self, prompt_ids: torch.Tensor):
+        """The step that prefills the whole prompt from position 0, and the last token's logits."""
+        tokens = prompt_ids.numel()
+        return self.builder.build([StepSequence(prompt_ids.tolist(), 0, range(-(-tokens // self.block_size)))],
+                                  [tokens - 1])
 
 
 PEER = "transformers "  # prefix of the peer's step names in a measurement
@@ -342,11 +339,8 @@ class Bench:
         self.synthetic = SyntheticWeights(cfg, backend, plan.fp8, seed)
         self.model = MiniMaxM2Model(cfg, self.synthetic.model(progress), backend)
         self.max_seq = plan.context + 1
-        decode_blocks = max(plan.batches) * -(-self.max_seq // self.block_size)
-        prefill_blocks = -(-plan.prefill_tokens // self.block_size)
-        self.own = OwnSteps(backend, cfg, max(decode_blocks, prefill_blocks), self.block_size)
-        self.decode_forward = backend.decode_runner(self.model.forward, max(plan.batches),
-                                                    -(-self.max_seq // self.block_size))
+        self.own = OwnSteps(backend, cfg, plan, self.block_size)
+        self.decode_forward = backend.decode_runner(self.model.forward, max(plan.batches), self.own.blocks_per_seq)
 
     def token_ids(self, shape: tuple[int, ...], salt: int) -> torch.Tensor:
         """Seeded token ids, the same for moerun and its peer (salt: one stream per measurement)."""
@@ -355,7 +349,7 @@ class Bench:
 
     def _step(self, forward: Callable[..., torch.Tensor], inputs) -> Callable[[], torch.Tensor]:
         return lambda: self.model.compute_logits(
-            forward(inputs.input_ids, inputs.positions, inputs.meta, self.own.kv_caches)[inputs.last_token_rows])
+            forward(inputs.input_ids, inputs.positions, inputs.meta, self.own.kv_caches)[inputs.logits_rows])
 
     @torch.inference_mode()
     def decode(self, batch: int, peer: TransformersPeer | None) -> dict[str, Any]:
@@ -364,23 +358,20 @@ class Bench:
         and the peer's variants."""
         plan, backend, model = self.plan, self.backend, self.model
         ids = self.token_ids((batch, plan.context + 1), salt=batch)
-        seqs = self.own.fill(model, ids[:, :-1])
-        try:
-            inputs = self.own.decode_inputs(seqs, ids[:, -1])
-            distinct = count_routed_experts(backend, self._step(model.forward, inputs))
-            counted = distinct is not None
-            if not counted:
-                expected = self.cfg.num_experts * (1 - (1 - self.cfg.top_k / self.cfg.num_experts) ** batch)
-                distinct = [round(expected)] * self.cfg.num_layers
-            steps = {"moerun": self._step(self.decode_forward, inputs)}
-            if self.decode_forward != model.forward:  # CUDA graphs on: time the plain forward too
-                steps["moerun eager"] = self._step(model.forward, inputs)
-            if peer is not None:
-                steps |= {PEER + v: s for v, s in peer.decode_steps(ids[:, :-1], ids[:, -1]).items()}
-            times = time_interleaved(steps, backend, plan.warmup, plan.steps)
-            agreement = logits_agreement(steps)
-        finally:
-            self.own.release(seqs)
+        self.own.fill(model, ids[:, :-1])
+        inputs = self.own.decode_inputs(ids[:, -1], plan.context)
+        distinct = count_routed_experts(backend, self._step(model.forward, inputs))
+        counted = distinct is not None
+        if not counted:
+            expected = self.cfg.num_experts * (1 - (1 - self.cfg.top_k / self.cfg.num_experts) ** batch)
+            distinct = [round(expected)] * self.cfg.num_layers
+        steps = {"moerun": self._step(self.decode_forward, inputs)}
+        if self.decode_forward != model.forward:  # CUDA graphs on: time the plain forward too
+            steps["moerun eager"] = self._step(model.forward, inputs)
+        if peer is not None:
+            steps |= {PEER + v: s for v, s in peer.decode_steps(ids[:, :-1], ids[:, -1]).items()}
+        times = time_interleaved(steps, backend, plan.warmup, plan.steps)
+        agreement = logits_agreement(steps)
         seconds = statistics.median(times["moerun"])
         kv_elem = torch.empty((), dtype=backend.dtype).element_size()
         read = decode_bytes(model, distinct, [self.max_seq] * batch, kv_elem)
@@ -398,15 +389,12 @@ class Bench:
         token's logits; interleaved with the peer's variants."""
         plan, backend, model = self.plan, self.backend, self.model
         prompt = self.token_ids((plan.prefill_tokens,), salt=0)
-        seqs, inputs = self.own.prompt(prompt)
-        try:
-            steps = {"moerun": self._step(model.forward, inputs)}
-            if peer is not None:
-                steps |= {PEER + v: s for v, s in peer.prefill_steps(prompt).items()}
-            times = time_interleaved(steps, backend, plan.warmup // 2, max(1, plan.steps // 2))
-            agreement = logits_agreement(steps)
-        finally:
-            self.own.release(seqs)
+        inputs = self.own.prompt(prompt)
+        steps = {"moerun": self._step(model.forward, inputs)}
+        if peer is not None:
+            steps |= {PEER + v: s for v, s in peer.prefill_steps(prompt).items()}
+        times = time_interleaved(steps, backend, plan.warmup // 2, max(1, plan.steps // 2))
+        agreement = logits_agreement(steps)
         seconds = statistics.median(times["moerun"])
         flops = prefill_flops(self.cfg, plan.prefill_tokens)
         row = {"tokens": plan.prefill_tokens, "ms": seconds * 1e3, "tokens_per_s": plan.prefill_tokens / seconds,
