@@ -7,6 +7,7 @@ from typing import Any
 
 from moerun.backends.base import Backend
 from moerun.backends.errors import MoerunError
+from moerun.runtime.memory import allocating, check_fits, count
 
 
 class PagedKVCache:
@@ -14,8 +15,15 @@ class PagedKVCache:
                  head_dim: int) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.layers: list[Any] = [backend.allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, backend.dtype)
-                                  for _ in range(num_layers)]
+        per_layer = 2 * num_blocks * block_size * num_kv_heads * head_dim * backend.dtype.itemsize
+        advice = f"lower kv_cache.num_blocks (now {num_blocks}) or load fewer layers"
+        check_fits(f"the KV cache of {count(num_layers, 'layer')} ({num_blocks} blocks of {block_size} tokens)",
+                   num_layers * per_layer, backend, advice)
+        self.layers: list[Any] = []
+        for i in range(num_layers):
+            with allocating(f"the KV cache of layer {i}", per_layer, backend.device, advice):
+                self.layers.append(backend.allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim,
+                                                             backend.dtype))
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low block ids first
 
     @property

@@ -49,6 +49,9 @@ class AscendBackend(Backend):
             raise ValueError("ascend: an FP8 linear weight reached the backend; the loader must dequantize it")
         return w.weight.to(self.device)
 
+    def empty_experts(self, num_experts, hidden_size, intermediate_size, dtype, device) -> ExpertWeights:
+        return moe.empty(num_experts, hidden_size, intermediate_size, dtype, device)
+
     def prepare_experts(self, w: ExpertWeights) -> moe.AscendExperts:
         return moe.prepare(w, self.device)
 
