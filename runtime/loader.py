@@ -7,9 +7,10 @@ itself, in which case it receives the float8 weight and its block scales.
 
 Within memory: each tensor is allocated once in its final dtype (and, for experts, in the backend's layout), then
 filled: by a plain read straight into it when the stored bytes need no conversion, else a band of rows at a time
-through one small reused staging buffer, FP8 dequantized band by band on the way. Nothing the size of a layer is
-ever held twice, so the peak resident memory of a load is the loaded weights plus tens of MB (plus, for a backend
-that must dequantize on the host for a device that cannot hold float8, one layer's experts on the host).
+through a small reused staging buffer per worker thread, FP8 dequantized band by band on the way. Nothing the size
+of a layer is ever held twice, so the peak resident memory of a load is the loaded weights plus tens of MB (plus,
+for a backend that dequantizes on the host for a device that cannot hold float8, one layer's experts on the host).
+Before anything is allocated, the weights' bytes are checked against the free memory where they will live.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from moerun.backends.base import Backend, ExpertWeights, LinearWeight
 from moerun.backends.cpu.ops import dequantize_fp8_block
 from moerun.backends.errors import CheckpointError
 from moerun.runtime.checkpoint import TORCH_DTYPES, Checkpoint
+from moerun.runtime.load_workers import STAGING_BYTES, load_workers
 from moerun.runtime.m2_tensors import (LINEAR, ROUTER, ROUTER_BIAS, M2Tensor, all_tensors, expert_tensors,
                                        layer_prefix, layer_tensors, model_tensors)
 from moerun.runtime.memory import allocating, check_fits, count, format_bytes, tensor_bytes
@@ -32,7 +34,6 @@ from moerun.runtime.weights import LayerWeights, ModelWeights
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some exporters save; recomputed, never read
-STAGING_BYTES = 64 << 20  # the read buffer for tensors that need converting: a band of rows at a time
 HOST = torch.device("cpu")
 FEWER_LAYERS = ("load fewer layers (--layers N, or model.num_layers in the YAML), or spread the model over more "
                 "devices once multi-device placement lands")
@@ -93,7 +94,8 @@ class WeightLoader:
     """Reads each tensor once into its final place and hands it to the backend's prepare_* (see the module doc).
 
     Tensors are built on the backend's device. FP8 weights are dequantized where the backend allows float8 tensors
-    (on its device: fast, and the FP8 bytes cross to the device once), else on the host, and then moved once."""
+    (on its device: fast, and the FP8 bytes cross to the device once), else on the host, and then moved once.
+    Reads and conversions run on worker threads (load_workers), a layer at a time."""
 
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, backend: Backend, plan: ShardPlan | None = None) -> None:
         self.ckpt, self.cfg, self.backend = ckpt, cfg, backend
@@ -102,26 +104,31 @@ class WeightLoader:
         # The backend runs FP8 itself, or we dequantize here.
         self.keep_fp8 = cfg.fp8_block is not None and backend.capabilities.fp8_weights
         self.dequant_device = backend.device if backend.capabilities.dequantize_on_device else HOST
-        self._staging = torch.empty(0, dtype=torch.uint8)
-        self._read = 0
-        self._advice = ""
+        self._advice = FEWER_LAYERS
 
     def load(self, num_layers: int, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
-        """progress(bytes_read, bytes_total) of the checkpoint, after each tensor."""
+        """progress(bytes_read, bytes_total) of the checkpoint, as tensors are read."""
         validate_checkpoint(self.ckpt, self.cfg, num_layers)
         weights = f"the weights of {count(num_layers, 'layer')}"
         need = self.weight_bytes(num_layers)
         check_fits(weights, need, self.backend, FEWER_LAYERS)
         self._advice = f"{weights} need {format_bytes(need)} in all: {FEWER_LAYERS}"
         total = sum(self.ckpt.nbytes(name) for name in expected_tensors(self.cfg, num_layers))
-        self._read, self._progress = 0, (lambda n: progress(n, total)) if progress else (lambda n: None)
-        outer = model_tensors(self.cfg)  # read in file order: embedding, layers, final norm, lm_head
-        embed = self._dense(outer["embed"])
-        layers = [self._layer(i) for i in range(num_layers)]
-        norm = self._dense(outer["norm"])
-        lm_head = (self._prepare_linear("lm_head", LinearWeight(embed)) if self.cfg.tie_word_embeddings
-                   else self._linear(outer["lm_head"]))
-        self._staging = torch.empty(0, dtype=torch.uint8)
+        read = 0
+
+        def done(nbytes: int) -> None:
+            nonlocal read
+            read += nbytes
+            if progress:
+                progress(read, total)
+
+        outer = model_tensors(self.cfg)
+        with load_workers() as self._workers:  # in file order: embedding, layers, final norm, lm_head
+            embed = self._load(outer["embed"], done)
+            layers = [self._layer(i, done) for i in range(num_layers)]
+            norm = self._load(outer["norm"], done)
+            lm_head = (self._prepare_linear("lm_head", LinearWeight(embed)) if self.cfg.tie_word_embeddings
+                       else self._load(outer["lm_head"], done))
         return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
     def weight_bytes(self, num_layers: int) -> int:
@@ -137,121 +144,78 @@ class WeightLoader:
                 total += tensor_bytes(t.shape, self.dtype)
         return total
 
-    # ---- one tensor ------------------------------------------------------------------------------------------
-    def _empty(self, what: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        with allocating(what, tensor_bytes(shape, dtype), device, self._advice):
-            return torch.empty(shape, dtype=dtype, device=device)
+    # ---- planning: each tensor's destination, allocated once, and the tasks that fill it ------------------------
+    def _load(self, t: M2Tensor, done: Callable[[int], None]) -> object:
+        out, tasks = self._plan(t)
+        self._workers.run(tasks, done)
+        return self._finish(t, out)
 
-    def _done(self, name: str) -> None:
-        self._read += self.ckpt.nbytes(name)
-        self._progress(self._read)
-
-    def _staged(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A host tensor over the reused staging bytes (grown when a band needs more)."""
-        nbytes = tensor_bytes(shape, dtype)
-        if self._staging.numel() < nbytes:
-            self._staging = self._empty("the read buffer", (max(nbytes, STAGING_BYTES),), torch.uint8, HOST)
-        return self._staging[:nbytes].view(dtype).view(shape)
-
-    def _band_rows(self, row_bytes: int, multiple: int = 1) -> int:
-        return max(1, STAGING_BYTES // max(1, row_bytes * multiple)) * multiple
-
-    def _fill(self, name: str, out: torch.Tensor) -> None:
-        """Read tensor `name` into `out`, whatever its dtype, strides or device: straight into it when it is a
-        contiguous host tensor of the stored dtype, else a band of rows at a time through the staging buffer."""
-        stored = TORCH_DTYPES[self.ckpt.dtype(name)]
-        if out.device == HOST and out.dtype == stored and out.is_contiguous():
-            self.ckpt.read_into(name, out)
-        else:
-            rows, row_shape = out.shape[0], tuple(out.shape[1:])
-            band = self._band_rows(tensor_bytes(row_shape, stored))
-            for r0 in range(0, rows, band):
-                staged = self._staged((min(band, rows - r0), *row_shape), stored)
-                self.ckpt.read_into(name, staged, first_row=r0)
-                out[r0:r0 + staged.shape[0]].copy_(staged)
-        self._done(name)
-
-    def _dequantize_into(self, module: str, out: torch.Tensor) -> None:
-        """Dequantize FP8 weight `module` into `out` (the model dtype), a band of whole block rows at a time."""
-        name, block = f"{module}.weight", self.cfg.fp8_block
-        scale = self.ckpt.read(f"{module}.weight_scale_inv").to(out.device)
-        rows, cols = out.shape
-        band = self._band_rows(cols, block[0])
-        for r0 in range(0, rows, band):
-            staged = self._staged((min(band, rows - r0), cols), torch.float8_e4m3fn)
-            self.ckpt.read_into(name, staged, first_row=r0)
-            r1 = r0 + staged.shape[0]
-            dequantize_fp8_block(staged.to(out.device), scale[r0 // block[0]:-(-r1 // block[0])], block, self.dtype,
-                                 out=out[r0:r1])
-        self._done(name)
-        self._done(f"{module}.weight_scale_inv")
-
-    def _dense(self, t: M2Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        out = self._empty(t.name, t.shape, dtype or self.dtype, self.device)
-        self._fill(t.name, out)
-        return out
-
-    def _scale_count(self, shape: tuple[int, ...]) -> int:
-        (bn, bk), (rows, cols) = self.cfg.fp8_block, shape
-        return -(-rows // bn) * -(-cols // bk)
-
-    def _prepare_linear(self, what: str, w: LinearWeight) -> object:
-        with allocating(what, w.weight.nbytes, self.device, self._advice):
-            return self.backend.prepare_linear(w)
-
-    def _linear(self, t: M2Tensor) -> object:
-        if not _fp8(self.cfg, t):
-            return self._prepare_linear(t.name, LinearWeight(self._dense(t)))
-        if self.keep_fp8:
-            scale_name = f"{t.module}.weight_scale_inv"
-            weight, scale = self.ckpt.read(t.name), self.ckpt.read(scale_name)
-            self._done(t.name)
-            self._done(scale_name)
-            return self._prepare_linear(t.name, LinearWeight(weight, scale, self.cfg.fp8_block))
-        out = self._empty(t.name, t.shape, self.dtype, self.dequant_device)
-        self._dequantize_into(t.module, out)
-        return self._prepare_linear(t.name, LinearWeight(out))
-
-    # ---- one layer ---------------------------------------------------------------------------------------------
-    def _layer(self, i: int) -> LayerWeights:
-        fields = {}
+    def _layer(self, i: int, done: Callable[[int], None]) -> LayerWeights:
+        planned, tasks = {}, []
         for field, t in layer_tensors(self.cfg, i).items():
-            if t.kind == LINEAR:
-                fields[field] = self._linear(t)
-            else:  # router gate and correction bias stay fp32 whatever the model dtype (selection is knife-edge)
-                fields[field] = self._dense(t, torch.float32 if t.kind in (ROUTER, ROUTER_BIAS) else None)
-        return LayerWeights(**fields, experts=self._experts(i))
+            out, fill = self._plan(t)
+            planned[field] = (t, out)
+            tasks += fill
+        stacks, fill = self._plan_experts(i)
+        self._workers.run(tasks + fill, done)
+        fields = {field: self._finish(t, out) for field, (t, out) in planned.items()}
+        what = f"{layer_prefix(i)}.block_sparse_moe.experts"
+        with allocating(what, nbytes_of(stacks), self.device, self._advice):
+            return LayerWeights(**fields, experts=self.backend.prepare_experts(stacks))
 
-    def _experts(self, i: int) -> object:
-        """This rank's experts of layer i, filled expert by expert into stacks w13 [E, 2I, H] (w1 rows, then w3
-        rows) and w2 [E, H, I] and handed over once: float8 stacks with stacked block scales for a backend that
-        executes FP8, else stacks in the model dtype and the backend's own layout (empty_experts)."""
+    def _plan(self, t: M2Tensor) -> tuple[object, list[Callable[[], int]]]:
+        if not _fp8(self.cfg, t):
+            # router gate and correction bias stay fp32 whatever the model dtype (selection is knife-edge)
+            dtype = torch.float32 if t.kind in (ROUTER, ROUTER_BIAS) else self.dtype
+            out = self._empty(t.name, t.shape, dtype, self.device)
+            return out, self._fill_tasks(t.name, out)
+        scale_name = f"{t.module}.weight_scale_inv"
+        if self.keep_fp8:
+            weight = self._empty(t.name, t.shape, torch.float8_e4m3fn, HOST)
+            scale = self._empty(scale_name, self.ckpt.shape(scale_name), torch.float32, HOST)
+            return (weight, scale), self._fill_tasks(t.name, weight) + self._fill_tasks(scale_name, scale)
+        out = self._empty(t.name, t.shape, self.dtype, self.dequant_device)
+        return out, [lambda: self._dequantize_into(t.module, out)]
+
+    def _finish(self, t: M2Tensor, out: object) -> object:
+        if t.kind != LINEAR:
+            return out
+        weight = LinearWeight(*out, self.cfg.fp8_block) if isinstance(out, tuple) else LinearWeight(out)
+        return self._prepare_linear(t.name, weight)
+
+    def _plan_experts(self, i: int) -> tuple[ExpertWeights, list[Callable[[], int]]]:
+        """This rank's experts of layer i go into stacks w13 [E, 2I, H] (w1 rows, then w3 rows) and w2 [E, H, I],
+        one task per expert: float8 stacks with stacked block scales for a backend that executes FP8, else stacks
+        in the model dtype and the backend's own layout (empty_experts)."""
         cfg, local = self.cfg, self.plan.local_experts(self.cfg.num_experts)
         h, inter = cfg.hidden_size, cfg.intermediate_size
         what = f"{layer_prefix(i)}.block_sparse_moe.experts"
         quantized = _fp8(cfg, expert_tensors(cfg, i, local.start)["w1"])
-        if quantized and self.keep_fp8:
+        fp8_stacks = quantized and self.keep_fp8
+        if fp8_stacks:
             stacks = self._fp8_stacks(what, len(local))
         else:
             nbytes = len(local) * 3 * h * inter * self.dtype.itemsize
             with allocating(what, nbytes, self.dequant_device, self._advice):
                 stacks = self.backend.empty_experts(len(local), h, inter, self.dtype, self.dequant_device)
-        for slot, e in enumerate(local):
+
+        def expert(slot: int, e: int) -> int:
+            read = 0
             for part, t in expert_tensors(cfg, i, e).items():
                 rows = {"w1": slice(0, inter), "w3": slice(inter, 2 * inter), "w2": slice(None)}[part]
-                stack = stacks.w2 if part == "w2" else stacks.w13
-                if quantized and self.keep_fp8:
+                out = (stacks.w2 if part == "w2" else stacks.w13)[slot, rows]
+                if fp8_stacks:
                     bn = cfg.fp8_block[0]
                     scales = stacks.w2_scale_inv if part == "w2" else stacks.w13_scale_inv
                     scale_rows = slice(None) if part == "w2" else slice(rows.start // bn, rows.stop // bn)
-                    self._fill(t.name, stack[slot, rows])
-                    self._fill(f"{t.module}.weight_scale_inv", scales[slot, scale_rows])
+                    read += self._fill(t.name, out) + self._fill(f"{t.module}.weight_scale_inv", scales[slot, scale_rows])
                 elif quantized:
-                    self._dequantize_into(t.module, stack[slot, rows])
+                    read += self._dequantize_into(t.module, out)
                 else:
-                    self._fill(t.name, stack[slot, rows])
-        with allocating(what, nbytes_of(stacks), self.device, self._advice):
-            return self.backend.prepare_experts(stacks)
+                    read += self._fill(t.name, out)
+            return read
+
+        return stacks, [lambda slot=slot, e=e: expert(slot, e) for slot, e in enumerate(local)]
 
     def _fp8_stacks(self, what: str, num_experts: int) -> ExpertWeights:
         """float8 stacks and their block-scale stacks, on the device (a backend that executes FP8 holds float8).
@@ -268,6 +232,56 @@ class WeightLoader:
             w13_scale_inv=self._empty(what, (num_experts, 2 * inter // bn, -(-h // bk)), f32, self.device),
             w2_scale_inv=self._empty(what, (num_experts, -(-h // bn), -(-inter // bk)), f32, self.device),
             block=cfg.fp8_block)
+
+    # ---- the tasks: reads and conversions, on a worker ---------------------------------------------------------
+    def _empty(self, what: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        with allocating(what, tensor_bytes(shape, dtype), device, self._advice):
+            return torch.empty(shape, dtype=dtype, device=device)
+
+    def _staged(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor over this worker's reused staging bytes."""
+        allocate = lambda n: self._empty("a read buffer", (n,), torch.uint8, HOST)  # noqa: E731
+        return self._workers.staging(tensor_bytes(shape, dtype), allocate).view(dtype).view(shape)
+
+    def _fill_tasks(self, name: str, out: torch.Tensor) -> list[Callable[[], int]]:
+        """Tasks that fill `out` with tensor `name`, a band of rows each, so a large tensor is read in parallel."""
+        rows = out.shape[0]
+        band = max(1, STAGING_BYTES // max(1, out[0].numel() * out.element_size()))
+        return [lambda r0=r0: self._fill(name, out[r0:r0 + band], r0) for r0 in range(0, rows, band)]
+
+    def _fill(self, name: str, out: torch.Tensor, first_row: int = 0) -> int:
+        """Read rows first_row.. of tensor `name` into `out`, whatever its dtype, strides or device: straight
+        into it when it is a contiguous host tensor of the stored dtype, else through the staging buffer."""
+        stored = TORCH_DTYPES[self.ckpt.dtype(name)]
+        if out.device == HOST and out.dtype == stored and out.is_contiguous():
+            self.ckpt.read_into(name, out, first_row)
+        else:
+            staged = self._staged(tuple(out.shape), stored)
+            self.ckpt.read_into(name, staged, first_row)
+            out.copy_(staged)
+        return tensor_bytes(tuple(out.shape), stored)
+
+    def _dequantize_into(self, module: str, out: torch.Tensor) -> int:
+        """Dequantize FP8 weight `module` into `out` (the model dtype), a band of whole block rows at a time."""
+        name, scale_name, block = f"{module}.weight", f"{module}.weight_scale_inv", self.cfg.fp8_block
+        scale = self.ckpt.read(scale_name).to(out.device)
+        rows, cols = out.shape
+        band = max(1, STAGING_BYTES // (block[0] * cols)) * block[0]
+        for r0 in range(0, rows, band):
+            staged = self._staged((min(band, rows - r0), cols), torch.float8_e4m3fn)
+            self.ckpt.read_into(name, staged, first_row=r0)
+            r1 = r0 + staged.shape[0]
+            dequantize_fp8_block(staged.to(out.device), scale[r0 // block[0]:-(-r1 // block[0])], block, self.dtype,
+                                 out=out[r0:r1])
+        return self.ckpt.nbytes(name) + self.ckpt.nbytes(scale_name)
+
+    def _scale_count(self, shape: tuple[int, ...]) -> int:
+        (bn, bk), (rows, cols) = self.cfg.fp8_block, shape
+        return -(-rows // bn) * -(-cols // bk)
+
+    def _prepare_linear(self, what: str, w: LinearWeight) -> object:
+        with allocating(what, w.weight.nbytes, self.device, self._advice):
+            return self.backend.prepare_linear(w)
 
 
 def nbytes_of(w: ExpertWeights) -> int:
