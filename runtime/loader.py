@@ -170,9 +170,9 @@ class WeightLoader:
             out = self._empty(t.name, t.shape, dtype, self.device)
             return out, self._fill_tasks(t.name, out)
         scale_name = f"{t.module}.weight_scale_inv"
-        if self.keep_fp8:
-            weight = self._empty(t.name, t.shape, torch.float8_e4m3fn, HOST)
-            scale = self._empty(scale_name, self.ckpt.shape(scale_name), torch.float32, HOST)
+        if self.keep_fp8:  # a backend that executes FP8 holds float8 on its device
+            weight = self._empty(t.name, t.shape, torch.float8_e4m3fn, self.device)
+            scale = self._empty(scale_name, self.ckpt.shape(scale_name), torch.float32, self.device)
             return (weight, scale), self._fill_tasks(t.name, weight) + self._fill_tasks(scale_name, scale)
         out = self._empty(t.name, t.shape, self.dtype, self.dequant_device)
         return out, [lambda: self._dequantize_into(t.module, out)]

@@ -119,6 +119,7 @@ def main() -> None:
     size = checkpoint_bytes(folder)
     loaders = [args.only] if args.only else list(LOADERS)
     warm_page_cache(folder)
+    load_before = os.getloadavg()[0]
     results: dict[str, list[dict]] = {name: [] for name in loaders}
     for run in range(args.runs):
         for name in loaders if run % 2 == 0 else loaders[::-1]:
@@ -130,15 +131,16 @@ def main() -> None:
                 sys.exit(f"bench_load: {name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  run {run + 1} {name}: {results[name][-1]['seconds']:.1f} s", file=sys.stderr)
-    print(report(folder, size, args, results))
+    print(report(folder, size, args, results, (load_before, os.getloadavg()[0])))
 
 
-def report(folder: Path, size: int, args, results: dict[str, list[dict]]) -> str:
+def report(folder: Path, size: int, args, results: dict[str, list[dict]], load: tuple[float, float]) -> str:
     import torch
 
     lines = [f"bench_load  {datetime.date.today()}  {' '.join(sys.argv)}",
              f"machine: {_cpu_name()}, {os.cpu_count()} cores, {_total_gb():.0f} GB RAM; python {platform.python_version()}, "
-             f"torch {torch.__version__}, transformers {_version('transformers')}",
+             f"torch {torch.__version__}, transformers {_version('transformers')}; "
+             f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end",
              f"checkpoint: {folder} ({size / 1e9:.2f} GB in *.safetensors), loaded as {args.dtype}, {args.runs} runs each, "
              "alternating", "",
              "| loader | median s | min s | max s | GB/s (checkpoint / median) | weights GB | peak RSS GB | peak RSS / weights |",
