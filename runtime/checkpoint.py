@@ -17,10 +17,12 @@ import torch
 from safetensors import safe_open
 
 from moerun.backends.errors import CheckpointError
+from moerun.runtime.shard_writer import SAFETENSORS_DTYPES
+from moerun.runtime.w8a8_format import INDEX_FILE as W8A8_INDEX_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
-# The safetensors dtypes a MiniMax-M2 checkpoint holds (the loader refuses any other before reading).
-TORCH_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}  # safetensors dtype -> torch dtype
+INDEX_FILES = (INDEX_FILE, W8A8_INDEX_FILE)  # msModelSlim's W8A8 exports name their index after their shards
 
 
 class Checkpoint:
@@ -40,16 +42,20 @@ class Checkpoint:
         self._check_index()
 
     def _shard_files(self) -> list[Path]:
-        index = self.folder / INDEX_FILE
-        if index.is_file():
+        indexes = [self.folder / name for name in INDEX_FILES if (self.folder / name).is_file()]
+        if len(indexes) > 1:
+            raise CheckpointError(f"{self.folder}: holds both {indexes[0].name} and {indexes[1].name}; keep one index")
+        if indexes:
+            index = indexes[0]
             try:
                 self.weight_map: dict[str, str] | None = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            self.index_name = index.name
             files = sorted({self.folder / f for f in self.weight_map.values()})
             for f in files:
                 if not f.is_file():
-                    raise CheckpointError(f"{f}: listed in {INDEX_FILE} but missing")
+                    raise CheckpointError(f"{f}: listed in {index.name} but missing")
             return files
         self.weight_map = None
         files = sorted(self.folder.glob("*.safetensors"))
@@ -72,7 +78,7 @@ class Checkpoint:
             actual = self.file_of.get(name)
             if actual is None or actual.name != file:
                 where = f"it is in {actual.name}" if actual else "it is in no file"
-                raise CheckpointError(f"{name}: {INDEX_FILE} says {file}, but {where}")
+                raise CheckpointError(f"{name}: {self.index_name} says {file}, but {where}")
 
     def names(self) -> set[str]:
         return set(self.file_of)
