@@ -41,6 +41,7 @@ def child(loader: str, folder: str, dtype_name: str) -> None:
 
         from moerun.runtime.engine import Engine
         from moerun.runtime.run_config import load_run_config
+        from moerun.runtime.weights import tensors as weight_tensors
 
         with tempfile.TemporaryDirectory() as tmp:
             config = Path(tmp) / "run.yaml"
@@ -50,7 +51,7 @@ def child(loader: str, folder: str, dtype_name: str) -> None:
             start = time.perf_counter()
             engine = Engine(run)
             seconds = time.perf_counter() - start
-        tensors = _tensors(engine.model.weights)
+        tensors = weight_tensors(engine.model.weights)
     else:
         from transformers import MiniMaxM2ForCausalLM
 
@@ -61,20 +62,6 @@ def child(loader: str, folder: str, dtype_name: str) -> None:
     unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     print(json.dumps({"seconds": seconds, "weight_bytes": sum(unique.values()),
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-
-
-def _tensors(obj) -> list:
-    import dataclasses
-
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if dataclasses.is_dataclass(obj):
-        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name))]
-    if isinstance(obj, (list, tuple)):
-        return [t for x in obj for t in _tensors(x)]
-    return []
 
 
 def available_bytes() -> int:

@@ -49,23 +49,15 @@ def test_peak_rss_of_a_load_stays_within_the_bound(wide_fp8, tmp_path):
     storage the loaded model holds. Mapped checkpoint pages, a float32 copy of an expert stack or a second
     layout of it would each push the growth past the bound."""
     out = _in_subprocess(f"""
-        import json, dataclasses, torch
+        import json, torch
         from moerun.runtime.engine import Engine
         from moerun.runtime.run_config import load_run_config
+        from moerun.runtime.weights import tensors
 
         def status(key):
             for line in open("/proc/self/status"):
                 if line.startswith(key):
                     return int(line.split()[1]) * 1024
-
-        def tensors(obj):
-            if isinstance(obj, torch.Tensor):
-                return [obj]
-            if dataclasses.is_dataclass(obj):
-                return [t for f in dataclasses.fields(obj) for t in tensors(getattr(obj, f.name))]
-            if isinstance(obj, (list, tuple)):
-                return [t for x in obj for t in tensors(x)]
-            return []
 
         run = load_run_config({str(_yaml(tmp_path, wide_fp8))!r})
         torch.empty(1) + 1  # torch's own lazy setup, before the baseline
