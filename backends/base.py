@@ -187,6 +187,14 @@ class Backend(abc.ABC):
         capabilities.w8a8)."""
         return w.weight.to(self.device)
 
+    def empty_experts(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
+                      device: torch.device) -> ExpertWeights:
+        """Uninitialized stacks for one layer's experts, w13 [E, 2I, H] and w2 [E, H, I], which the loader fills
+        expert by expert and then hands to prepare_experts. A backend whose kernels want another memory layout
+        returns views of tensors in that layout, so that prepare_experts gets it without a second copy."""
+        return ExpertWeights(w13=torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype, device=device),
+                             w2=torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device))
+
     def prepare_experts(self, w: ExpertWeights) -> Any:
         """Move one layer's stacked experts (built on the host) to the device in the layout `experts` expects
         (W8A8ExpertWeights too when capabilities.w8a8)."""

@@ -18,3 +18,8 @@ class CheckpointError(MoerunError):
 
 class UnsupportedModelError(MoerunError):
     """A model the chosen backend's kernels cannot run; raised when the model is built, never mid-request."""
+
+
+class ResourceError(MoerunError):
+    """Not enough host or device memory for what the config asks: the message names what was being allocated, how
+    much, and what to change (fewer layers, a smaller KV cache, more devices)."""

@@ -46,6 +46,7 @@ from moerun.backends.errors import MoerunError
 from moerun.runtime.bench_transformers import VARIANTS, TransformersPeer
 from moerun.runtime.commands.bench_serve import serve
 from moerun.runtime.kv_cache import allocate_kv_caches
+from moerun.runtime.m2_tensors import LINEAR, NORM, ROUTER, layer_prefix, layer_tensors, model_tensors
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.run_config import RunConfig, load_run_config
@@ -142,33 +143,26 @@ class SyntheticWeights:
         return w
 
     def layer(self, i: int) -> LayerWeights:
-        cfg, p = self.cfg, f"model.layers.{i}"
-        h, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        layer = LayerWeights(
-            input_norm=self.norm(f"{p}.input_layernorm.weight", h),
-            q_proj=self.linear(f"{p}.self_attn.q_proj.weight", q_dim, h),
-            k_proj=self.linear(f"{p}.self_attn.k_proj.weight", kv_dim, h),
-            v_proj=self.linear(f"{p}.self_attn.v_proj.weight", kv_dim, h),
-            o_proj=self.linear(f"{p}.self_attn.o_proj.weight", h, q_dim),
-            q_norm=self.norm(f"{p}.self_attn.q_norm.weight", q_dim),
-            k_norm=self.norm(f"{p}.self_attn.k_norm.weight", kv_dim),
-            post_attention_norm=self.norm(f"{p}.post_attention_layernorm.weight", h),
-            router=self._normal((cfg.num_experts, h), h ** -0.5, torch.float32),
-            router_bias=self._normal((cfg.num_experts,), 0.01, torch.float32),
-            experts=self.experts(p))
-        self.hf[f"{p}.mlp.gate.weight"], self.hf[f"{p}.mlp.e_score_correction_bias"] = layer.router, layer.router_bias
-        return layer
+        fields = {}
+        for field, t in layer_tensors(self.cfg, i).items():
+            if t.kind == NORM:
+                fields[field] = self.norm(t.name, t.shape[0])
+            elif t.kind == LINEAR:
+                fields[field] = self.linear(t.name, *t.shape)
+            else:  # the fp32 router gate and its bias, kept under transformers' names (mlp.gate, ...)
+                std = self.cfg.hidden_size ** -0.5 if t.kind == ROUTER else 0.01
+                fields[field] = self.hf[t.name.replace("block_sparse_moe", "mlp")] = self._normal(t.shape, std, torch.float32)
+        return LayerWeights(**fields, experts=self.experts(layer_prefix(i)))
 
     def model(self, progress: Callable[[], None]) -> ModelWeights:
         layers = []
         for i in range(self.cfg.num_layers):
             layers.append(self.layer(i))
             progress()
-        embed = self._normal((self.cfg.vocab_size, self.cfg.hidden_size), 1.0)
-        self.hf["model.embed_tokens.weight"] = embed
-        lm_head = self._normal((self.cfg.vocab_size, self.cfg.hidden_size), self.cfg.hidden_size ** -0.5)
-        self.hf["lm_head.weight"] = lm_head
-        return ModelWeights(embed=embed, layers=layers, norm=self.norm("model.norm.weight", self.cfg.hidden_size),
+        outer = model_tensors(self.cfg)
+        embed = self.hf[outer["embed"].name] = self._normal(outer["embed"].shape, 1.0)
+        lm_head = self.hf[outer["lm_head"].name] = self._normal(outer["lm_head"].shape, self.cfg.hidden_size ** -0.5)
+        return ModelWeights(embed=embed, layers=layers, norm=self.norm(outer["norm"].name, self.cfg.hidden_size),
                             lm_head=self.backend.prepare_linear(LinearWeight(lm_head)))
 
 

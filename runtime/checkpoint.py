@@ -1,21 +1,27 @@
 """Lazy, strict access to the tensors of an HF safetensors checkpoint folder.
 
-Only headers are read up front; tensors are read one at a time from the memory-mapped files, so a 230 GB
-checkpoint is never held in memory twice. Every problem names the tensor and the file.
+Only headers are read up front. Tensors are read on demand with plain reads into memory the caller owns (often
+the final weight itself), never mapped from the file: pages of a mapped file count toward the process's resident
+memory once touched, so a mapping would keep a loaded checkpoint's source bytes resident beside the weights made
+from them. Every problem names the tensor and the file.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from moerun.backends.errors import CheckpointError
+from moerun.runtime.shard_writer import SAFETENSORS_DTYPES
 from moerun.runtime.w8a8_format import INDEX_FILE as W8A8_INDEX_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}  # safetensors dtype -> torch dtype
 INDEX_FILES = (INDEX_FILE, W8A8_INDEX_FILE)  # msModelSlim's W8A8 exports name their index after their shards
 
 
@@ -26,6 +32,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.folder}: checkpoint folder not found")
         self._files = self._shard_files()
         self._handles: dict[Path, object] = {}
+        self._extents: dict[Path, dict[str, tuple[int, int]]] = {}  # file -> tensor -> (first byte, end byte)
         self.file_of: dict[str, Path] = {}
         for path in self._files:
             for name in self._open(path).keys():
@@ -82,12 +89,47 @@ class Checkpoint:
     def dtype(self, name: str) -> str:
         return self._open(self.file_of[name]).get_slice(name).get_dtype()
 
+    def nbytes(self, name: str) -> int:
+        start, end = self._extent(name)
+        return end - start
+
     def read(self, name: str) -> torch.Tensor:
+        """The tensor, in fresh memory."""
+        out = torch.empty(self.shape(name), dtype=TORCH_DTYPES[self.dtype(name)])
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor, first_row: int = 0) -> None:
+        """Fill the contiguous host tensor `out` with the stored bytes of `name` from row first_row on, as many as
+        `out` holds (a whole tensor, or a band of rows of one read a band at a time)."""
         path = self.file_of[name]
+        start, end = self._extent(name)
+        if first_row:
+            start += first_row * ((end - start) // self.shape(name)[0])
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        if start + len(buffer) > end:
+            raise ValueError(f"{name}: {len(buffer)} bytes from row {first_row} run past the tensor's end")
         try:
-            return self._open(path).get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"{name}: cannot be read from {path.name} ({_short(e)})") from None
+            with open(path, "rb", buffering=0) as f:
+                done = 0
+                while done < len(buffer):  # a read may return less than asked (at most ~2 GB per call on Linux)
+                    n = os.preadv(f.fileno(), [buffer[done:]], start + done)
+                    if n == 0:
+                        raise CheckpointError(f"{name}: cannot be read from {path.name} (the file ends early)")
+                    done += n
+        except OSError as e:
+            raise CheckpointError(f"{name}: cannot be read from {path.name} ({e.strerror or e})") from None
+
+    def _extent(self, name: str) -> tuple[int, int]:
+        path = self.file_of[name]
+        if path not in self._extents:  # the header safe_open has already checked, read again for the offsets
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            base = 8 + size
+            self._extents[path] = {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
+                                   for k, v in header.items() if k != "__metadata__"}
+        return self._extents[path][name]
 
 
 def _short(e: Exception) -> str:

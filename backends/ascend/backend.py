@@ -54,6 +54,9 @@ class AscendBackend(Backend):
             raise ValueError("ascend: an FP8 linear weight reached the backend; the loader must dequantize it")
         return w.weight.to(self.device)
 
+    def empty_experts(self, num_experts, hidden_size, intermediate_size, dtype, device) -> ExpertWeights:
+        return moe.empty(num_experts, hidden_size, intermediate_size, dtype, device)
+
     def prepare_experts(self, w: ExpertWeights | W8A8ExpertWeights) -> moe.AscendExperts | w8a8.AscendW8A8Experts:
         if isinstance(w, W8A8ExpertWeights):
             return w8a8.prepare_experts(w, self.dtype, self.device)

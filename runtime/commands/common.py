@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -22,18 +23,27 @@ def demo_config_path() -> Path:
 
 
 def load_engine(config: str | None, num_layers: int | None = None, label: str = "loading"):
-    """Build the engine for a YAML file (the embedded demo when None), with a progress bar over layers."""
+    """Build the engine for a YAML file (the embedded demo when None), with a progress bar over the checkpoint's
+    bytes: GB read of GB to read, and the rate so far."""
     from moerun.runtime.engine import Engine
 
     run: RunConfig = load_run_config(config or demo_config_path())
     with contextlib.ExitStack() as stack:
         bar = None
+        start = time.perf_counter()
+
+        def show(done: int | None) -> str:
+            if done is None:
+                return ""
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            return f"{done / 1e9:.2f}/{bar.length / 1e9:.2f} GB  {rate / 1e9:.2f} GB/s"
 
         def progress(done: int, total: int) -> None:
             nonlocal bar
             if bar is None:
-                bar = stack.enter_context(click.progressbar(length=total, label=f"{label} {run.backend}", file=sys.stderr))
-            bar.update(1)
+                bar = stack.enter_context(click.progressbar(length=total, label=f"{label} {run.backend}",
+                                                            file=sys.stderr, item_show_func=show))
+            bar.update(done - bar.pos, current_item=done)
 
         return Engine(run, num_layers=num_layers, progress=progress)
 
