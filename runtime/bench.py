@@ -40,6 +40,7 @@ import torch
 from moerun.backends.base import Backend, ExpertWeights, LinearWeight, ModelSpec, get_backend_class
 from moerun.backends.cpu.ops import dequantize_fp8_block
 from moerun.runtime.batch import Sequence, build_step
+from moerun.runtime.commands.common import check_output_path, write_atomically
 from moerun.backends.errors import MoerunError
 from moerun.runtime.kv_cache import PagedKVCache
 from moerun.runtime.model import MiniMaxM2Model
@@ -460,13 +461,18 @@ def _ints(text: str, option: str) -> list[int]:
 @click.option("--fp8", is_flag=True, help="Synthetic weights in the M2 release's FP8 block format (128x128, e4m3).")
 @click.option("--compare", type=click.Choice(["transformers"]), default=None,
               help="Also time transformers' MiniMaxM2ForCausalLM on the same weights and inputs.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
+@click.option("--out", default=None,
               help="JSON results file [bench_results/bench-<time>.json].")
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare, out, seed):
     """Decode and prefill speed of a synthetic MiniMax-M2, with MBU and MFU measured against this device."""
     config = config or str(resources.files("moerun.configs") / "demo.yaml")
     run = load_run_config(config)
+    if out:
+        out_path = check_output_path(out)
+    else:
+        out_path = Path("bench_results") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
     if compare and fp8:
         raise MoerunError("--compare transformers runs the float weights; drop --fp8")
     backend_cls = get_backend_class(run.backend)
@@ -522,7 +528,5 @@ def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup
     if hf:
         result["transformers"] = hf
     click.echo(report(result))
-    path = Path(out) if out else Path("bench_results") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(f"\nwrote {path}")
+    write_atomically(out_path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    click.echo(f"\nwrote {out_path}")

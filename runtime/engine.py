@@ -13,6 +13,7 @@ from moerun.runtime.batch import Sequence, build_step
 from moerun.runtime.checkpoint import Checkpoint
 from moerun.backends.errors import ConfigError, MoerunError
 from moerun.runtime.kv_cache import PagedKVCache
+from moerun.runtime.limits import check_memory
 from moerun.runtime.loader import WeightLoader
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import load_model_config
@@ -47,6 +48,7 @@ class Engine:
             head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
             intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, dtype=run.dtype,
             kv_block_size=block_size, fp8_block=cfg.fp8_block))
+        check_memory(self.backend, cfg, layers, run.kv_num_blocks, block_size)  # before the first weight is read
         weights = WeightLoader(Checkpoint(self.folder), cfg, self.backend).load(layers, progress)
         self.model = MiniMaxM2Model(cfg, weights, self.backend)
         self.cache = PagedKVCache(self.backend, layers, run.kv_num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)

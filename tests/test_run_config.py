@@ -29,7 +29,7 @@ def test_builtin_demo_and_defaults():
     ({"model": {"path": "x"}}, "backend: missing"),
     ({"backend": "cpu"}, "model: missing"),
     ({"backend": "cpu", "model": {"dtype": "float32"}}, "model.path: missing"),
-    ({"backend": "cpu", "model": {"path": "x", "num_layers": 0}}, "model.num_layers: must be a positive int"),
+    ({"backend": "cpu", "model": {"path": "x", "num_layers": 0}}, "model.num_layers: 0 is out of range (allowed: 1..4096)"),
     ({"backend": "cpu", "model": {"path": "x", "num_layers": True}}, "model.num_layers: expected int"),
     ({"backend": "cpu", "model": "x"}, "model: expected a mapping"),
     ({"backend": "cpu", "model": {"path": "x"}, "cpu": {"threads": "4"}}, "cpu.threads: expected int"),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from moerun.backends.base import AttentionMetadata, Backend, Capabilities
+from moerun.backends.errors import ConfigError, shown
 from moerun.backends.cpu import ops
 
 
@@ -19,6 +21,16 @@ class CpuBackend(Backend):
         fp8_weights=False,
     )
     default_options = {"threads": 0}  # 0: torch's default
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any] | None, key_path: str) -> dict[str, Any]:
+        options = super().validate_options(options, key_path)
+        # Far more threads than cores only slows torch down; thousands make OpenMP crash the process.
+        most = max_threads()
+        if not 0 <= options["threads"] <= most:
+            raise ConfigError(f"{key_path}.threads: {shown(options['threads'])} is out of range "
+                              f"(allowed: 0..{most}, 0 = torch's default; this machine has {os.cpu_count()} CPUs)")
+        return options
 
     def __init__(self, options: dict[str, Any], dtype: torch.dtype) -> None:
         super().__init__(options, dtype)
@@ -55,3 +67,8 @@ class CpuBackend(Backend):
 
     def experts(self, x, weights, ids, experts):
         return ops.experts(x, weights, ids, experts.w13, experts.w2)
+
+
+def max_threads() -> int:
+    return 4 * (os.cpu_count() or 1)
+

@@ -6,26 +6,43 @@ import time
 
 import click
 
-from moerun.runtime.commands.common import load_engine
+from moerun.backends.errors import MoerunError
+from moerun.runtime.commands.common import MAX_SEED, FiniteFloat, load_engine, load_target
+
+# Below this a temperature divides logits into infinities; 0 is the way to ask for greedy decoding.
+MIN_TEMPERATURE = 1e-5
 
 
 @click.command()
 @click.option("-c", "--config", type=str, default=None, help="YAML target (default: the embedded demo).")
 @click.option("-p", "--prompt", required=True, help="User message (rendered with the checkpoint's chat template).")
 @click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--temperature", type=FiniteFloat(0.0, 1000.0), default=0.0, show_default=True,
+              help=f"0 = greedy; else {MIN_TEMPERATURE:g}..1000.")
+@click.option("--top-p", type=FiniteFloat(0.0, 1.0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--raw", is_flag=True, help="Tokenize the prompt as is, without the chat template.")
 def generate(config, prompt, max_tokens, temperature, top_p, top_k, seed, raw):
     """Generate a completion for one prompt."""
     from moerun.runtime.sampling import SamplingParams
+    from moerun.runtime.tokenizer import Tokenizer
 
-    engine = load_engine(config)
-    tok = engine.tokenizer
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise MoerunError(f"--temperature: {temperature:g} is too small (allowed: 0 for greedy, or "
+                          f"{MIN_TEMPERATURE:g}..1000)")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise MoerunError(f"-p: not valid UTF-8 text (character {e.start})") from None
+    target = load_target(config)
+    tok = Tokenizer.from_folder(target.folder)
     text = prompt if raw else tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = tok.encode(text)
+    if not ids:
+        raise MoerunError("-p: the prompt is empty (with --raw, give some text)")
+    target.limits.check_lengths([len(ids) + max_tokens], f"the prompt ({len(ids)} tokens) plus --max-tokens {max_tokens}")
+    engine = load_engine(target)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens)
     t0 = time.perf_counter()
     out = engine.generate([ids], params, seed=seed, stop_ids=tuple(tok.eos_token_ids))[0]
