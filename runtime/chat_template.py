@@ -90,12 +90,14 @@ class _OutOfTime(BaseException):
 
 
 def _within_time_limit(fn, *args):
-    watchdog = _Watchdog(MAX_RENDER_SECONDS)
+    watchdog = None
     try:
         try:
+            watchdog = _Watchdog(MAX_RENDER_SECONDS)  # inside: its exception may land while its timer starts
             return fn(*args)
         finally:
-            watchdog.stop()
+            if watchdog is not None:
+                watchdog.stop()
     except _OutOfTime:
         raise TemplateFailure(f"still running after {MAX_RENDER_SECONDS:g} s: a loop that does not end, "
                               f"or far too much work") from None

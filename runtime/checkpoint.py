@@ -127,10 +127,11 @@ def _declared_header_size(path: Path) -> int:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: is {file_kind(st.st_mode)}; a safetensors shard must be a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path}: is {file_kind(st.st_mode)}; a safetensors shard must be a regular file")
         prefix = f.read(8)
     if len(prefix) < 8:
         raise CheckpointError(f"{path}: not a safetensors file ({st.st_size} bytes, shorter than the 8-byte header length)")

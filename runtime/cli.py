@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import click
@@ -39,6 +40,24 @@ class Terminated(BaseException):
     """Raised by the SIGTERM handler the program installs, so a terminated run unwinds and cleans up."""
 
 
+_received_signal: int | None = None  # set by raise_on_signal
+
+
+def raise_on_signal(signum: int, frame) -> None:
+    """The program's SIGINT and SIGTERM handler while main() runs (runtime/__main__.py installs it): unwind, so
+    temporary files are removed, and let main() report it. The signal is also recorded, because C code can
+    swallow the exception: torch clears any error raised while it imports numpy, and would carry on."""
+    global _received_signal
+    _received_signal = signum
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+
+def signal_exit(signum: int) -> int:
+    """One line and the shell's exit code for a run ended by a signal."""
+    click.echo("moerun: interrupted" if signum == signal.SIGINT else "moerun: terminated", err=True)
+    return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -47,7 +66,10 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attribute = COMMANDS[name].split(":")
-        return getattr(importlib.import_module(module), attribute)
+        command = getattr(importlib.import_module(module), attribute)
+        if _received_signal is not None:  # arrived during the import, and C code there swallowed its exception
+            raise KeyboardInterrupt if _received_signal == signal.SIGINT else Terminated
+        return command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,12 +82,26 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+    try:
+        code = _run([a for a in argv if a != "--debug"], debug)
+    except BaseException:
+        if _received_signal is None or debug:
+            raise
+        code = None  # the signal's own exception was swallowed, and something else broke
+    if _received_signal is not None and code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        return signal_exit(_received_signal)
+    return code
+
+
+def _run(argv: list[str], debug: bool) -> int:
     try:
         result = cli.main(args=argv, prog_name="moerun", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
+    except click.exceptions.NoArgsIsHelpError as e:  # `moerun` alone: the help, as --help shows it
+        click.echo(e.ctx.get_help())
+        return 0
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     except click.ClickException as e:  # usage errors: one line, exit 2
@@ -79,11 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C inside a command into Abort
         if debug:
             raise
-        click.echo("moerun: interrupted", err=True)
-        return EXIT_INTERRUPTED
+        return signal_exit(signal.SIGINT)
     except Terminated:
-        click.echo("moerun: terminated", err=True)
-        return EXIT_TERMINATED
+        return signal_exit(signal.SIGTERM)
     except BrokenPipeError:
         # Nothing more can reach the reader; point stdout at /dev/null so the exit's flush is quiet too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

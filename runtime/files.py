@@ -47,10 +47,11 @@ def read_bytes(path: str | Path, limit: int, what: str, error: type[MoerunError]
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except (OSError, ValueError) as e:
         raise error(f"{path}: cannot be read ({_reason(e)})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise error(f"{path}: is {file_kind(mode)}; a {what} must be a regular file")
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise error(f"{path}: is {file_kind(mode)}; a {what} must be a regular file")
         try:
             data = f.read(limit + 1)
         except OSError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +85,18 @@ def parse_model_config(raw: dict[str, Any], where: str = "config.json") -> Model
         raise CheckpointError(f"{where}: num_experts_per_tok {top_k} is more than num_local_experts {experts} "
                               f"(allowed: 1..{experts})")
 
-    rotary_dim = _rotary_dim(f, head_dim)
-    rope = f.mapping("rope_parameters") or f.mapping("rope_scaling")
-    rope_type = _Fields(rope, f"{where}: rope_parameters").str("rope_type", default=rope.get("type", "default"))
-    if rope_type != "default":
-        raise CheckpointError(f"{where}: rope_type {shown(rope_type)} is not supported (MiniMax-M2 uses plain RoPE: 'default')")
-    theta_fields = _Fields(rope, f"{where}: rope_parameters") if "rope_theta" in rope else f
-    rope_theta = theta_fields.float("rope_theta", default=10000.0, lo=0.0, lo_open=True, hi=1e30)
+    # RoPE settings live at the top level (legacy) and in rope_parameters / rope_scaling (newer transformers);
+    # every place that holds one is checked, and where several do they must agree.
+    rope_sections = [f] + [_Fields(f.mapping(key), f"{where}: {key}") for key in ("rope_parameters", "rope_scaling")]
+    for section in rope_sections[1:]:
+        rope_type = section.str("rope_type", default=None) or section.str("type", default="default")
+        if rope_type != "default":
+            raise CheckpointError(f"{where}: rope_type {shown(rope_type)} is not supported (MiniMax-M2 uses plain RoPE: 'default')")
+    rope_theta = _agreed(rope_sections, "rope_theta", 10000.0,
+                         lambda s: s.float("rope_theta", default=None, lo=0.0, lo_open=True, hi=1e30))
+    factor = _agreed(rope_sections, "partial_rotary_factor", None,
+                     lambda s: s.float("partial_rotary_factor", default=None, lo=0.0, hi=1.0, lo_open=True))
+    rotary_dim = _rotary_dim(f, head_dim, factor)
 
     if not f.bool("use_qk_norm", default=True) or f.str("qk_norm_type", default="per_layer") != "per_layer":
         raise CheckpointError(f"{where}: only qk_norm_type 'per_layer' with use_qk_norm true is supported (MiniMax-M2)")
@@ -106,7 +112,8 @@ def parse_model_config(raw: dict[str, Any], where: str = "config.json") -> Model
     if attn_types and any(t != 1 for t in attn_types):
         raise CheckpointError(f"{where}: attn_type_list has linear-attention layers (0); MiniMax-M2 is full attention (1)")
 
-    fp8_block, not_converted = _quantization(f.mapping("quantization_config"), f"{where}: quantization_config")
+    quant = f.mapping("quantization_config") if raw.get("quantization_config") is not None else None
+    fp8_block, not_converted = _quantization(quant, f"{where}: quantization_config")
     return ModelConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -202,11 +209,11 @@ class _Fields:
         return tuple(items)
 
 
-def _quantization(quant: dict[str, Any], where: str) -> tuple[tuple[int, int] | None, tuple[str, ...]]:
+def _quantization(quant: dict[str, Any] | None, where: str) -> tuple[tuple[int, int] | None, tuple[str, ...]]:
     """(weight block, modules kept unquantized) of an FP8 checkpoint, (None, ()) of a float one. Fields the
     release always writes but some exports leave out take the release's values rather than failing later as a
     wall of unexpected tensors."""
-    if not quant:
+    if quant is None:
         return None, ()
     f = _Fields(quant, where)
     method = f.str("quant_method", default=_MISSING)
@@ -232,14 +239,19 @@ def _quantization(quant: dict[str, Any], where: str) -> tuple[tuple[int, int] | 
     return (block[0], block[1]), tuple(not_converted)
 
 
-def _rotary_dim(f: _Fields, head_dim: int) -> int:
+def _agreed(sections: list[_Fields], key: str, default: Any, read: Callable[[_Fields], Any]) -> Any:
+    """The one value of `key` across the sections that hold it (each checked by `read`), else `default`."""
+    values = [(section.where, read(section)) for section in sections if section.raw.get(key) is not None]
+    for where, value in values[1:]:
+        if not math.isclose(value, values[0][1], rel_tol=1e-9):
+            raise CheckpointError(f"{where}: {key} {value:g} disagrees with {values[0][1]:g} in {values[0][0]}")
+    return values[0][1] if values else default
+
+
+def _rotary_dim(f: _Fields, head_dim: int, factor: float | None) -> int:
     """Partial RoPE: MiniMax-M2 rotates the first 64 of 128 dims. The released config.json only has the legacy
     `rotary_dim`; newer transformers write rope_parameters.partial_rotary_factor. Dropping the legacy field turns
     partial into full RoPE (transformers#48241), so both are read and must agree."""
-    rope = f.mapping("rope_parameters")
-    source = _Fields(rope, f"{f.where}: rope_parameters") if "partial_rotary_factor" in rope else f
-    factor = source.float("partial_rotary_factor", default=None, lo=0.0, hi=1.0, lo_open=True) \
-        if source.raw.get("partial_rotary_factor") is not None else None
     legacy = f.int("rotary_dim", default=None) if f.raw.get("rotary_dim") is not None else None
     from_factor = int(head_dim * factor) if factor is not None else None
     if legacy is not None and from_factor is not None and legacy != from_factor:

@@ -127,7 +127,10 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
         raise ConfigError(f"{source}: model.path: {shown(model_path)} is not a usable path "
                           f"(a folder path of 1 to 4096 characters without NUL, or {BUILTIN_DEMO})")
     if model_path != BUILTIN_DEMO:
-        p = Path(model_path).expanduser()
+        try:
+            p = Path(model_path).expanduser()
+        except RuntimeError:  # ~name of a user that does not exist
+            raise ConfigError(f"{source}: model.path: {shown(model_path)}: no such user's home folder") from None
         model_path = str(p if p.is_absolute() else (base_dir / p).resolve())
     dtype_name = model.get("dtype", "bfloat16")
     if dtype_name not in DTYPES:

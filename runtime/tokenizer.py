@@ -101,6 +101,11 @@ class Tokenizer:
     # --- chat template ------------------------------------------------------------------------------------------
 
     @property
+    def template_source(self) -> str | None:
+        """Where the chat template was read from, for messages."""
+        return self._template_source
+
+    @property
     def has_chat_template(self) -> bool:
         return self._template_text is not None
 

@@ -19,7 +19,7 @@ import torch
 from moerun.backends.ascend import emulation
 from moerun.backends.errors import ConfigError, MoerunError, shown
 
-DEVICE_PATTERN = re.compile(r"^npu(?::(\d+))?$")
+DEVICE_PATTERN = re.compile(r"npu(?::(\d{1,4}))?")
 DOCS = "docs/ascend.md"
 
 _announced = False  # the emulation notice goes to stderr once per process, not once per engine
@@ -35,7 +35,7 @@ class OpSource:
 
 
 def parse_device(device: str, key_path: str = "ascend.device") -> int:
-    match = DEVICE_PATTERN.match(device)
+    match = DEVICE_PATTERN.fullmatch(device)
     if not match:
         raise ConfigError(f"{key_path}: expected 'npu' or 'npu:N', got {shown(device)}")
     return int(match.group(1) or 0)

@@ -51,7 +51,7 @@ def load_target(config: str | None) -> Target:
     and that folder's config.json, each checked."""
     from moerun.runtime.engine import resolve_model_folder
 
-    run = load_run_config(config or demo_config_path())
+    run = load_run_config(demo_config_path() if config is None else config)
     folder = resolve_model_folder(run.model_path)
     return Target(run, folder, load_model_config(folder))
 
@@ -60,7 +60,7 @@ def load_engine(target: Target | str | None, num_layers: int | None = None, labe
     """Build the engine of a target (or of a YAML file, the embedded demo when None), with a progress bar."""
     from moerun.runtime.engine import Engine
 
-    run = target.run if isinstance(target, Target) else load_run_config(target or demo_config_path())
+    run = target.run if isinstance(target, Target) else load_run_config(demo_config_path() if target is None else target)
     with contextlib.ExitStack() as stack:
         bar = None
 

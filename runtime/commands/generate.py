@@ -40,7 +40,8 @@ def generate(config, prompt, max_tokens, temperature, top_p, top_k, seed, raw):
     text = prompt if raw else tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = tok.encode(text)
     if not ids:
-        raise MoerunError("-p: the prompt is empty (with --raw, give some text)")
+        raise MoerunError("-p: the prompt is empty (give some text)" if raw else
+                          f"{tok.template_source}: the chat template rendered an empty prompt")
     target.limits.check_lengths([len(ids) + max_tokens], f"the prompt ({len(ids)} tokens) plus --max-tokens {max_tokens}")
     engine = load_engine(target)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens)
