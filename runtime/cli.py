@@ -2,8 +2,8 @@
 registered here; this module owns only the group and the promise about errors.
 
 Bad input (a missing checkpoint, a YAML typo, a token id outside the vocabulary, ...) is one line on stderr and
-exit code 2; so is running out of memory. Ctrl-C is one line and exit code 130. `--debug` anywhere on the line
-shows the traceback instead.
+exit code 2; so is running out of memory. Ctrl-C is one line and exit code 130 (runtime/signals.py). `--debug`
+anywhere on the line shows the traceback instead.
 
 Subcommands are imported only when run (or listed by --help): the group itself imports nothing heavy, so the
 program is answering signals and usage errors within milliseconds of starting, long before torch is loaded.
@@ -19,10 +19,9 @@ import sys
 import click
 
 from moerun.backends.errors import MoerunError
+from moerun.runtime import signals
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
-EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`moerun generate ... | head -1`)
 MAX_MESSAGE = 1000  # characters of one error line; longer ones lose their middle
 
@@ -36,28 +35,6 @@ COMMANDS = {
 }
 
 
-class Terminated(BaseException):
-    """Raised by the SIGTERM handler the program installs, so a terminated run unwinds and cleans up."""
-
-
-_received_signal: int | None = None  # set by raise_on_signal
-
-
-def raise_on_signal(signum: int, frame) -> None:
-    """The program's SIGINT and SIGTERM handler while main() runs (runtime/__main__.py installs it): unwind, so
-    temporary files are removed, and let main() report it. The signal is also recorded, because C code can
-    swallow the exception: torch clears any error raised while it imports numpy, and would carry on."""
-    global _received_signal
-    _received_signal = signum
-    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
-
-
-def signal_exit(signum: int) -> int:
-    """One line and the shell's exit code for a run ended by a signal."""
-    click.echo("moerun: interrupted" if signum == signal.SIGINT else "moerun: terminated", err=True)
-    return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED
-
-
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -66,10 +43,8 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attribute = COMMANDS[name].split(":")
-        command = getattr(importlib.import_module(module), attribute)
-        if _received_signal is not None:  # arrived during the import, and C code there swallowed its exception
-            raise KeyboardInterrupt if _received_signal == signal.SIGINT else Terminated
-        return command
+        with signals.at_once():  # importing a command imports torch: see runtime/signals.py
+            return getattr(importlib.import_module(module), attribute)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _run([a for a in argv if a != "--debug"], debug)
     except BaseException:
-        if _received_signal is None or debug:
+        if signals.received is None or debug:
             raise
-        code = None  # the signal's own exception was swallowed, and something else broke
-    if _received_signal is not None and code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):
-        return signal_exit(_received_signal)
+        code = None  # the signal's own exception was swallowed by C code, and something else broke
+    if signals.received is not None and code not in (signals.EXIT_INTERRUPTED, signals.EXIT_TERMINATED):
+        return signal_exit(signals.received)
     return code
 
 
@@ -116,7 +91,7 @@ def _run(argv: list[str], debug: bool) -> int:
         if debug:
             raise
         return signal_exit(signal.SIGINT)
-    except Terminated:
+    except signals.Terminated:
         return signal_exit(signal.SIGTERM)
     except BrokenPipeError:
         # Nothing more can reach the reader; point stdout at /dev/null so the exit's flush is quiet too.
@@ -128,6 +103,12 @@ def _run(argv: list[str], debug: bool) -> int:
         detail = _first_line(e) or "the allocator refused"
         return _error(f"out of memory ({detail}); load fewer layers (--layers, model.num_layers), lower "
                       f"kv_cache.num_blocks, or send a shorter request", EXIT_BAD_INPUT)
+
+
+def signal_exit(signum: int) -> int:
+    """One line and the shell's exit code for a run ended by a signal."""
+    click.echo(signals.message(signum), err=True)
+    return signals.exit_code(signum)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

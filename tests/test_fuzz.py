@@ -48,18 +48,26 @@ VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.di
 DELETE = object()
 
 
-def fresh_out(tmp: Path) -> Path:
+def logits_on(cfg: Path, capsys) -> int:
+    """`moerun logits` with the config file `cfg`, held to the promise; --out (beside cfg) must exist exactly when
+    the run succeeded, hold finite logits then, and nothing temporary may be left. Returns the exit code."""
+    tmp = cfg.parent
     out = tmp / "o.npy"
     out.unlink(missing_ok=True)
-    return out
-
-
-def check_logits_case(code, errors, err, out: Path, tmp: Path) -> None:
+    with hang_guard(HANG_S):
+        code, errors, err = run_cli(["logits", "-c", cfg, "--token-ids", "1,2,3", "--out", out], capsys)
     assert_promise(code, errors, err)
     assert out.exists() == (code == 0), err
     if code == 0:
         assert np.isfinite(np.load(out)).all(), "exit 0 with non-finite logits: a silently wrong result"
     assert leftovers(tmp) == []
+    return code
+
+
+def logits_on_checkpoint(folder: Path, capsys) -> int:
+    cfg = folder.parent / "run.yaml"
+    cfg.write_text(yaml.safe_dump(run_yaml(folder)))
+    return logits_on(cfg, capsys)
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +123,7 @@ def test_fuzz_yaml(data, float_checkpoint, yaml_work, capsys):
     document = data.draw(yaml_documents(float_checkpoint))
     cfg = yaml_work / "run.yaml"
     cfg.write_bytes(document)
-    out = fresh_out(yaml_work)
-    with hang_guard(HANG_S):
-        result = run_cli(["logits", "-c", cfg, "--token-ids", "1,2,3", "--out", out], capsys)
-    check_logits_case(*result, out, yaml_work)
+    logits_on(cfg, capsys)
 
 
 # ---- config.json -----------------------------------------------------------------------------------------------------
@@ -162,13 +167,7 @@ def config_work(float_checkpoint, tmp_path_factory):
 def test_fuzz_config_json(data, float_checkpoint, config_work, capsys):
     base = json.loads((float_checkpoint / "config.json").read_text())
     (config_work / "config.json").write_bytes(data.draw(config_documents(base)))
-    tmp = config_work.parent
-    cfg = tmp / "run.yaml"
-    cfg.write_text(yaml.safe_dump(run_yaml(config_work)))
-    out = fresh_out(tmp)
-    with hang_guard(HANG_S):
-        result = run_cli(["logits", "-c", cfg, "--token-ids", "1,2,3", "--out", out], capsys)
-    check_logits_case(*result, out, tmp)
+    logits_on_checkpoint(config_work, capsys)
 
 
 # ---- the shard index --------------------------------------------------------------------------------------------------
@@ -208,13 +207,7 @@ def test_fuzz_index(data, float_checkpoint, index_work, capsys):
     else:
         document = data.draw(st.binary(max_size=80))
     (index_work / INDEX).write_bytes(document)
-    tmp = index_work.parent
-    cfg = tmp / "run.yaml"
-    cfg.write_text(yaml.safe_dump(run_yaml(index_work)))
-    out = fresh_out(tmp)
-    with hang_guard(HANG_S):
-        code, errors, err = run_cli(["logits", "-c", cfg, "--token-ids", "1,2,3", "--out", out], capsys)
-    check_logits_case(code, errors, err, out, tmp)
+    code = logits_on_checkpoint(index_work, capsys)
     if kind == "names" and any(leaves_the_folder(n, index_work) for n in renamed.values()):
         assert code == 2, "a shard outside the checkpoint folder was read"
 
@@ -268,13 +261,7 @@ def test_fuzz_safetensors_header(data, float_checkpoint, header_work, capsys):
     blob = struct.pack("<Q", len(raw) if declared is None else declared) + raw + body
     cut = data.draw(st.one_of(st.none(), st.integers(0, len(blob))))
     (folder / shard).write_bytes(blob if cut is None else blob[:cut])
-    tmp = folder.parent
-    cfg = tmp / "run.yaml"
-    cfg.write_text(yaml.safe_dump(run_yaml(folder)))
-    out = fresh_out(tmp)
-    with hang_guard(HANG_S):
-        result = run_cli(["logits", "-c", cfg, "--token-ids", "1,2,3", "--out", out], capsys)
-    check_logits_case(*result, out, tmp)
+    logits_on_checkpoint(folder, capsys)
 
 
 # ---- the command line -------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import click
 from moerun.backends.errors import MoerunError
 from moerun.runtime.commands.common import FiniteFloat, load_engine, parse_token_ids, print_table
 from moerun.runtime.files import MiB, read_text
+from moerun.runtime.limits import RequestLimits
 from moerun.runtime.parity import Thresholds, compare_logits, compare_stages
 
 
@@ -41,6 +42,9 @@ def parity(configs, token_ids, prompts, max_abs_rel, mean_kl, max_kl, min_top1, 
         if not lines:
             raise MoerunError(f"--prompts: {prompts} has no prompts")
         sequences = [ref.tokenizer.encode(ln) for ln in lines]
+    limits = RequestLimits.of(ref.run, ref.config)
+    for i, seq in enumerate(sequences):  # each runs alone, so each must fit on its own
+        limits.check_lengths([len(seq)], f"sequence {i + 1} ({len(seq)} tokens)")
     ref_stages, cand_stages = StageRecorder(), StageRecorder()
     ref_logits = torch.cat([ref.logits(s, ref_stages if per_layer else None) for s in sequences])
     route = stage_router(ref)
