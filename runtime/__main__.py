@@ -23,7 +23,7 @@ def console_main() -> None:
     sys.unraisablehook = _quiet_signal_unraisable
     code = signals.EXIT_INTERRUPTED
     try:
-        with signals.unwinding():
+        with signals.ending(at_once=False):
             code = cli.main()
     except (KeyboardInterrupt, signals.Terminated):  # the few bytecodes around main's own try
         code = cli.signal_exit(signals.received or signal.SIGINT)

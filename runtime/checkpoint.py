@@ -21,8 +21,10 @@ from safetensors import safe_open
 
 from moerun.backends.errors import CheckpointError, key_name, shown
 from moerun.runtime.files import MiB, file_kind, is_dir, read_json_object
+from moerun.runtime.w8a8_format import INDEX_FILE as W8A8_INDEX_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
+INDEX_FILES = (INDEX_FILE, W8A8_INDEX_FILE)  # msModelSlim's W8A8 exports name their index after their shards
 MAX_INDEX_BYTES = 64 * MiB  # the full M2 release's index is ~10 MB (96k tensors)
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit per file
 MAX_TOTAL_HEADER_BYTES = 1 << 30  # all shards' headers are parsed and kept while loading
@@ -50,17 +52,21 @@ class Checkpoint:
         self._check_index()
 
     def _shard_files(self) -> list[Path]:
-        index = self.folder / INDEX_FILE
-        if os.path.lexists(index):
+        indexes = [self.folder / name for name in INDEX_FILES if os.path.lexists(self.folder / name)]
+        if len(indexes) > 1:
+            raise CheckpointError(f"{self.folder}: holds both {indexes[0].name} and {indexes[1].name}; keep one index")
+        if indexes:
+            index = indexes[0]
             weight_map = read_json_object(index, MAX_INDEX_BYTES, "safetensors index").get("weight_map")
             if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
                 raise CheckpointError(f"{index}: not a valid safetensors index ('weight_map' must map each tensor "
                                       f"name to a shard file name, got {shown(weight_map)})")
             self.weight_map: dict[str, str] | None = weight_map
-            files = sorted({self._shard(name, f"listed in {INDEX_FILE}") for name in weight_map.values()})
+            self.index_name = index.name
+            files = sorted({self._shard(name, f"listed in {index.name}") for name in weight_map.values()})
             for f in files:
                 if not os.path.lexists(f):
-                    raise CheckpointError(f"{f}: listed in {INDEX_FILE} but missing")
+                    raise CheckpointError(f"{f}: listed in {index.name} but missing")
             return files
         self.weight_map = None
         files = sorted(self._shard(p.name, "found") for p in self.folder.glob("*.safetensors"))
@@ -101,7 +107,7 @@ class Checkpoint:
             actual = self.file_of.get(name)
             if actual is None or actual.name != file:
                 where = f"it is in {actual.name}" if actual else "it is in no file"
-                raise CheckpointError(f"{key_name(name)}: {INDEX_FILE} says {shown(file)}, but {where}")
+                raise CheckpointError(f"{key_name(name)}: {self.index_name} says {shown(file)}, but {where}")
 
     def names(self) -> set[str]:
         return set(self.file_of)

@@ -31,6 +31,7 @@ COMMANDS = {
     "logits": "moerun.runtime.commands.logits:logits",
     "smoke": "moerun.runtime.commands.smoke:smoke",
     "parity": "moerun.runtime.commands.parity:parity",
+    "quantize": "moerun.runtime.commands.quantize:quantize",
     "bench": "moerun.runtime.bench:bench",
 }
 
@@ -43,7 +44,7 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attribute = COMMANDS[name].split(":")
-        with signals.at_once():  # importing a command imports torch: see runtime/signals.py
+        with signals.ending(at_once=True):  # importing a command imports torch: see runtime/signals.py
             return getattr(importlib.import_module(module), attribute)
 
 

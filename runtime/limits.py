@@ -1,6 +1,6 @@
-"""What a run can hold, checked before any work: a request against the model's positions and the KV cache's
-capacity (before the weights load), and the KV cache plus the weights against the device's free memory
-(before the first tensor is read). Each refusal is one line with the numbers and what to change."""
+"""What a run can hold, checked before any work: a request against the longest one the engine serves (before the
+weights load), and the KV cache plus the weights against the device's free memory (before the first tensor is
+read). Each refusal is one line with the numbers and what to change."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import torch
 
 from moerun.backends.base import Backend, get_backend_class
-from moerun.backends.errors import MoerunError
+from moerun.backends.errors import ConfigError, MoerunError
 from moerun.runtime.loader import expected_tensors
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.run_config import RunConfig
@@ -19,17 +19,38 @@ GiB = 1 << 30
 _STORED_BYTES = {"F8_E4M3": 1, "F32": 4}  # FP8 weights and their block scales, kept where a backend runs FP8
 
 
+def max_model_len(run: RunConfig, max_positions: int, cache_tokens: int) -> int:
+    """scheduler.max_model_len, else the model's max_position_embeddings, within what the KV cache holds: every
+    request that fits max_model_len then fits the cache alone, so it is refused at once or served eventually."""
+    asked = run.scheduler.max_model_len
+    if asked is not None and asked > max_positions:
+        raise ConfigError(f"{run.source}: scheduler.max_model_len: {asked} is more than the model's "
+                          f"max_position_embeddings {max_positions}")
+    if asked is not None and asked > cache_tokens:
+        raise ConfigError(f"{run.source}: scheduler.max_model_len: {asked} tokens do not fit the KV cache "
+                          f"({cache_tokens} tokens: kv_cache.num_blocks x block_size); raise kv_cache.num_blocks")
+    return asked or min(max_positions, cache_tokens)
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestLimits:
-    max_positions: int  # config.json max_position_embeddings
+    max_model_len: int  # the most tokens one request may hold, prompt and completion together
+    why: str  # what sets that number, for messages
     vocab_size: int
-    num_blocks: int
-    block_size: int
 
     @classmethod
     def of(cls, run: RunConfig, cfg: ModelConfig) -> RequestLimits:
         block_size = run.kv_block_size or get_backend_class(run.backend).capabilities.kv_block_sizes[0]
-        return cls(cfg.max_position_embeddings, cfg.vocab_size, run.kv_num_blocks, block_size)
+        cache = run.kv_num_blocks * block_size
+        limit = max_model_len(run, cfg.max_position_embeddings, cache)
+        if run.scheduler.max_model_len is not None:
+            why = f"scheduler.max_model_len {limit}"
+        elif limit == cfg.max_position_embeddings:
+            why = f"the model's max_position_embeddings {limit}"
+        else:
+            why = (f"the {cache} tokens the KV cache holds (kv_cache.num_blocks {run.kv_num_blocks} x block_size "
+                   f"{block_size}); raise kv_cache.num_blocks")
+        return cls(limit, why, cfg.vocab_size)
 
     def check_token_ids(self, token_ids: list[int], what: str = "--token-ids") -> None:
         for i, t in enumerate(token_ids):
@@ -38,17 +59,12 @@ class RequestLimits:
                                   f"(allowed: 0..{self.vocab_size - 1})")
 
     def check_lengths(self, lengths: list[int], what: str) -> None:
-        """`lengths`: the tokens each sequence will hold at its end (prompt plus new tokens), all in flight
-        together. `what` says where the lengths come from, for the message."""
+        """`lengths`: the tokens each request will hold at its end (prompt plus new tokens). Requests in flight
+        together may need more blocks than are free: the scheduler then preempts, so each must only fit alone.
+        `what` says where the lengths come from, for the message."""
         longest = max(lengths)
-        if longest > self.max_positions:
-            raise MoerunError(f"{what}: {longest} tokens in one sequence, more than the model's "
-                              f"max_position_embeddings {self.max_positions}")
-        blocks = sum(-(-n // self.block_size) for n in lengths)
-        if blocks > self.num_blocks:
-            raise MoerunError(f"{what}: {sum(lengths)} tokens need {blocks} KV cache blocks of {self.block_size}, "
-                              f"more than kv_cache.num_blocks {self.num_blocks} "
-                              f"({self.num_blocks * self.block_size} tokens); raise kv_cache.num_blocks")
+        if longest > self.max_model_len:
+            raise MoerunError(f"{what}: {longest} tokens in one sequence, more than {self.why}")
 
 
 def kv_cache_bytes(cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int, dtype: torch.dtype) -> int:

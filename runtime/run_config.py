@@ -8,6 +8,11 @@
     kv_cache:
       block_size: null           # null: the backend's default
       num_blocks: 512
+    scheduler:
+      max_num_seqs: 256          # requests in flight at once
+      max_num_batched_tokens: 2048   # tokens per forward step (decodes + prefill chunks)
+      max_model_len: null        # null: the checkpoint's max_position_embeddings
+      enable_prefix_caching: true
     cpu: {threads: 0}            # each backend's own section, validated by that backend
 
 Every unknown key, wrong type or value raises ConfigError naming the key path and what is allowed. The file
@@ -34,9 +39,20 @@ MAX_CONFIG_BYTES = 64 * KiB  # a run config is a few hundred bytes
 MAX_YAML_DEPTH = 16
 MAX_KV_BLOCKS = 1 << 24  # 268M tokens at block 16: beyond any device's memory, below any integer overflow
 
-_TOP_KEYS = {"backend", "model", "kv_cache"}
+_TOP_KEYS = {"backend", "model", "kv_cache", "scheduler"}
 _MODEL_KEYS = {"path": str, "dtype": str, "num_layers": int}
 _KV_KEYS = {"block_size": int, "num_blocks": int}
+_SCHEDULER_KEYS = {"max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int,
+                   "enable_prefix_caching": bool}
+_SCHEDULER_RANGES = {"max_num_seqs": 1 << 16, "max_num_batched_tokens": 1 << 24, "max_model_len": 1 << 24}
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    enable_prefix_caching: bool = True
 
 
 @dataclasses.dataclass
@@ -49,6 +65,7 @@ class RunConfig:
     kv_num_blocks: int
     backend_options: dict[str, Any]  # the chosen backend's section, validated, defaults filled
     source: str  # where the config came from, for messages
+    scheduler: SchedulerConfig = SchedulerConfig()
 
     @property
     def dtype_name(self) -> str:
@@ -148,6 +165,11 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
     num_blocks = kv.get("num_blocks", 512)
     _check_range(num_blocks, 1, MAX_KV_BLOCKS, "kv_cache.num_blocks", source)
 
+    scheduler = SchedulerConfig(**_section(raw, "scheduler", _SCHEDULER_KEYS, source, required=False))
+    for key, most in _SCHEDULER_RANGES.items():  # buffers of these sizes are allocated at start
+        if getattr(scheduler, key) is not None:
+            _check_range(getattr(scheduler, key), 1, most, f"scheduler.{key}", source)
+
     dtype = DTYPES[dtype_name]
     if dtype not in backend_cls.capabilities.dtypes:
         allowed = ", ".join(k for k, v in DTYPES.items() if v in backend_cls.capabilities.dtypes)
@@ -165,7 +187,8 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
         options = backend_cls.validate_options({}, f"{source}: {backend}")
 
     return RunConfig(backend=backend, model_path=model_path, dtype=dtype, num_layers=num_layers,
-                     kv_block_size=block_size, kv_num_blocks=num_blocks, backend_options=options, source=source)
+                     kv_block_size=block_size, kv_num_blocks=num_blocks, backend_options=options, source=source,
+                     scheduler=scheduler)
 
 
 def _check_range(value: int, lo: int, hi: int, key: str, source: str) -> None:
@@ -189,6 +212,6 @@ def _section(raw: dict, key: str, schema: dict[str, type], source: str, required
         if k not in schema:
             raise ConfigError(f"{source}: {key}.{key_name(k)}: unknown key (allowed: {', '.join(schema)})")
         kind = schema[k]
-        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+        if v is not None and (not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool)):
             raise ConfigError(f"{source}: {key}.{k}: expected {kind.__name__}, got {shown(v)}")
     return {k: v for k, v in section.items() if v is not None}

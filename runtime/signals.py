@@ -42,21 +42,11 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def unwinding() -> Iterator[None]:
-    """Within: a signal raises KeyboardInterrupt or Terminated where the program is."""
+def ending(at_once: bool) -> Iterator[None]:
+    """Within: a signal ends the process at once (see the module's docstring for when that is right), or raises
+    KeyboardInterrupt / Terminated where the program is."""
     global _at_once
-    previous, _at_once = _at_once, False
-    try:
-        yield
-    finally:
-        _at_once = previous
-
-
-@contextlib.contextmanager
-def at_once() -> Iterator[None]:
-    """Within: a signal ends the process at once (see the module's docstring for when that is right)."""
-    global _at_once
-    previous, _at_once = _at_once, True
+    previous, _at_once = _at_once, at_once
     try:
         yield
     finally:

@@ -46,8 +46,8 @@ def generate(cfg, *flags):
 
 @pytest.mark.parametrize("flags,message", [
     (["--temperature", "nan"], "Invalid value for '--temperature': 'nan' is not a finite number."),
-    (["--temperature", "inf"], "Invalid value for '--temperature': inf is not in the range 0.0<=x<=1000.0."),
-    (["--temperature", "1e-30"], "--temperature: 1e-30 is too small (allowed: 0 for greedy, or 1e-05..1000)"),
+    (["--temperature", "inf"], "Invalid value for '--temperature': inf is not in the range 0.0<=x<=10000.0."),
+    (["--temperature", "1e-30"], "--temperature: 1e-30 is too small (allowed: 0 for greedy, or 1e-05..1e4)"),
     (["--top-p", "nan"], "Invalid value for '--top-p': 'nan' is not a finite number."),
     (["--top-p", "0"], "Invalid value for '--top-p': 0.0 is not in the range 0.0<x<=1.0."),
     (["--seed", str(2**64)], "Invalid value for '--seed': 18446744073709551616 is not in the range 0<=x<=18446744073709551615."),
@@ -75,16 +75,23 @@ def test_5000_ids_through_a_4096_position_model(demo_yaml, tmp_path, no_engine, 
                     "--token-ids (5000 ids): 5000 tokens in one sequence, more than the model's max_position_embeddings 4096")
 
 
-def test_requests_beyond_positions_or_kv_capacity(demo_yaml, tmp_path, no_engine, capsys):
+def test_requests_beyond_the_longest_the_engine_serves(demo_yaml, tmp_path, no_engine, capsys):
+    """The model's positions, the KV cache, or scheduler.max_model_len: whichever is smallest, named."""
     code, errors, err = run_cli(generate(demo_yaml, "--max-tokens", "4090"), capsys)
     assert_one_line(code, errors, err, "more than the model's max_position_embeddings 4096")
     assert "the prompt (" in errors[0] and " tokens) plus --max-tokens 4090: " in errors[0]
     small = tmp_path / "small.yaml"
     small.write_text(demo_yaml.read_text().replace("num_blocks: 400", "num_blocks: 4"))
     assert_one_line(*run_cli(generate(small, "--max-tokens", "100"), capsys),
-                    "tokens need 9 KV cache blocks of 16, more than kv_cache.num_blocks 4 (64 tokens); raise kv_cache.num_blocks")
+                    "tokens in one sequence, more than the 64 tokens the KV cache holds (kv_cache.num_blocks 4 x "
+                    "block_size 16); raise kv_cache.num_blocks")
     assert_one_line(*run_cli(["smoke", "-c", small, "--steps", "50"], capsys),
-                    "smoke prompts of 5, 11, 17 tokens plus --steps 50: 183 tokens need 13 KV cache blocks of 16")
+                    "smoke prompts of 5, 11, 17 tokens plus --steps 50: 67 tokens in one sequence, more than the 64")
+    capped = tmp_path / "capped.yaml"
+    capped.write_text(demo_yaml.read_text() + "scheduler: {max_model_len: 100}\n")
+    assert_one_line(*run_cli(["logits", "-c", capped, "--token-ids", ",".join(["3"] * 101), "--out",
+                              tmp_path / "o.npy"], capsys),
+                    "--token-ids (101 ids): 101 tokens in one sequence, more than scheduler.max_model_len 100")
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_before_loading(demo_yaml, tmp_path, no_engine, capsys):
