@@ -59,7 +59,8 @@ class Engine:
         self.config = cfg = load_model_config(self.folder)
         self._tokenizer = Tokenizer.from_folder(self.folder) if (self.folder / "tokenizer.json").is_file() else None
         generation_config = read_optional_json(self.folder / "generation_config.json")
-        self.generation_defaults = GenerationDefaults.from_generation_config(generation_config)
+        self.generation_defaults = GenerationDefaults.from_generation_config(
+            generation_config, str(self.folder / "generation_config.json"))
         self.eos_token_ids = self._tokenizer.eos_token_ids if self._tokenizer else _eos_ids(generation_config, cfg.eos_token_ids)
         block_size = run.kv_block_size or get_backend_class(run.backend).capabilities.kv_block_sizes[0]
         self.max_model_len = max_model_len(run, cfg.max_position_embeddings, run.kv_num_blocks * block_size)

@@ -4,6 +4,7 @@ longer than the model or the KV cache, out-of-memory, and signals from the first
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -196,3 +197,30 @@ def test_signals_from_the_first_moment(sig, after, demo_yaml, tmp_path):
     assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
     assert "Traceback" not in err and "Exception" not in err, err
     assert lines == ["moerun: interrupted" if sig == signal.SIGINT else "moerun: terminated"], err
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"temperature": -1}', "generation_config.json: temperature: -1 is not allowed (a number in [0.0, 10000.0])"),
+    ('{"temperature": NaN}', "generation_config.json: temperature: nan is not allowed"),
+    ('{"top_p": 2}', "generation_config.json: top_p: 2 is not allowed (a number in (0.0, 1.0])"),
+    ('{"top_k": "40"}', "generation_config.json: top_k: '40' is not allowed (an integer >= -1)"),
+])
+def test_sampling_defaults_of_the_checkpoint_are_checked_like_flags(content, message, demo_yaml, tmp_path, capsys):
+    """Before: generation_config.json's values were sampled with whatever they were (or a NaN silently dropped)."""
+    run = yaml.safe_load(demo_yaml.read_text())
+    folder = tmp_path / "ckpt"
+    shutil.copytree(run["model"]["path"], folder)
+    (folder / "generation_config.json").write_text(content)
+    run["model"]["path"] = str(folder)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(run))
+    assert_one_line(*run_cli(generate(cfg), capsys), message)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["quantize", "--w8a8", "--max-shard-size", "9" * 400 + "GB", "src", "dst"], "--max-shard-size: expected a size from 1KB"),
+    (["bench", "serve", "--endpoint", "http://127.0.0.1:9/v1", "--timeout", "nan"], "'nan' is not a finite number"),
+    (["bench", "serve", "--endpoint", "http://127.0.0.1:9/v1", "--random-range-ratio", "nan"], "'nan' is not a finite number"),
+])
+def test_other_commands_flags(argv, message, capsys):
+    assert_one_line(*run_cli(argv, capsys), message)

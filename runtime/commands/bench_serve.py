@@ -17,7 +17,7 @@ import httpx2
 
 from moerun.backends.errors import MoerunError
 from moerun.runtime import serve_bench
-from moerun.runtime.commands.common import check_output_path, write_atomically
+from moerun.runtime.commands.common import FiniteFloat, check_output_path, write_atomically
 from moerun.runtime.table import format_table
 
 
@@ -123,13 +123,13 @@ def report(summaries: list[dict[str, Any]]) -> str:
 @click.option("--num-requests", type=click.IntRange(1), default=100, show_default=True, help="Per level.")
 @click.option("--input-len", type=click.IntRange(1), default=128, show_default=True, help="Prompt words.")
 @click.option("--output-len", type=click.IntRange(1), default=128, show_default=True, help="max_tokens per request.")
-@click.option("--random-range-ratio", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--random-range-ratio", type=FiniteFloat(0, 1), default=0.0, show_default=True,
               help="Lengths uniform in [len*(1-r), len*(1+r)]; 0 keeps them fixed.")
 @click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
               help="Send ignore_eos and min_tokens so every request generates --output-len tokens.")
 @click.option("--extra-body", default=None, help="JSON object merged into every request body.")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed requests first.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+@click.option("--timeout", type=FiniteFloat(min=0, min_open=True), default=600.0, show_default=True,
               help="Seconds per request.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default=None, help="JSON results file [bench_results/serve-<time>.json].")
