@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from moerun.backends.errors import ConfigError
+from moerun.backends.errors import ConfigError, key_name, shown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -153,10 +153,10 @@ class Backend(abc.ABC):
         for key, value in options.items():
             if key not in cls.default_options:
                 allowed = ", ".join(sorted(cls.default_options)) or "none"
-                raise ConfigError(f"{key_path}.{key}: unknown key (allowed: {allowed})")
+                raise ConfigError(f"{key_path}.{key_name(key)}: unknown key (allowed: {allowed})")
             default = cls.default_options[key]
             if not _same_kind(value, default):
-                raise ConfigError(f"{key_path}.{key}: expected {type(default).__name__}, got {value!r}")
+                raise ConfigError(f"{key_path}.{key}: expected {type(default).__name__}, got {shown(value)}")
         return {**cls.default_options, **options}
 
     @property
@@ -287,6 +287,6 @@ def backend_names() -> list[str]:
 
 def get_backend_class(name: str) -> type[Backend]:
     if name not in _REGISTRY:
-        raise ConfigError(f"backend: unknown backend {name!r} (allowed: {', '.join(backend_names())})")
+        raise ConfigError(f"backend: unknown backend {shown(name)} (allowed: {', '.join(backend_names())})")
     module_name, class_name = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)

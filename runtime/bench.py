@@ -42,6 +42,7 @@ import torch
 
 from moerun.backends.base import Backend, ExpertWeights, LinearWeight, ModelSpec, get_backend_class
 from moerun.backends.cpu.ops import dequantize_fp8_block
+from moerun.runtime.commands.common import check_output_path, write_atomically
 from moerun.backends.errors import MoerunError
 from moerun.runtime.bench_transformers import VARIANTS, TransformersPeer
 from moerun.runtime.commands.bench_serve import serve
@@ -550,7 +551,7 @@ def _variants(text: str) -> tuple[str, ...]:
               help="Also time transformers' MiniMaxM2ForCausalLM on the same weights and token ids, interleaved.")
 @click.option("--hf-variants", default=",".join(VARIANTS), show_default=True,
               help="transformers variants to time with --compare (the report names the fastest).")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
+@click.option("--out", default=None,
               help="JSON results file [bench_results/bench-<time>.json].")
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup, threads, fp8, compare, hf_variants,
@@ -562,19 +563,25 @@ def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup
         return  # a subcommand runs instead of the model benchmark
     config = config or str(resources.files("moerun.configs") / "demo.yaml")
     run = load_run_config(config)
+    if out:
+        out_path = check_output_path(out)
+    else:
+        out_path = Path("bench_results") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
     if compare and fp8:
         raise MoerunError("--compare transformers runs the float weights; drop --fp8")
     variants = _variants(hf_variants)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or previous_threads)  # pinned: every measurement runs on the same pool
     try:
-        _bench(run, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare, variants, out, seed)
+        _bench(run, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare, variants, out_path,
+               seed)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _bench(run: RunConfig, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare,
-           variants: tuple[str, ...], out, seed: int) -> None:
+           variants: tuple[str, ...], out_path: Path, seed: int) -> None:
     load_start = os.getloadavg()
     backend_cls = get_backend_class(run.backend)
     backend = backend_cls(run.backend_options, run.dtype)
@@ -627,10 +634,8 @@ def _bench(run: RunConfig, small, layers, batches, context, prefill_tokens, step
                                   "experts_implementation": peer.experts_implementation, "missing": peer.missing,
                                   "compile_seconds": peer.compile_seconds}
     click.echo(report(result))
-    path = Path(out) if out else Path("bench_results") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(f"\nwrote {path}")
+    write_atomically(out_path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    click.echo(f"\nwrote {out_path}")
 
 
 bench.add_command(serve)

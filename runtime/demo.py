@@ -24,6 +24,7 @@ from tokenizers import pre_tokenizers
 
 from moerun.backends.errors import MoerunError
 from moerun.runtime.demo_corpus import CORPUS
+from moerun.runtime.files import read_text
 from moerun.runtime.m2_tensors import EMBED, NORM, ROUTER, ROUTER_BIAS, M2Tensor, all_tensors
 from moerun.runtime.model_config import ModelConfig, parse_model_config
 
@@ -118,7 +119,8 @@ def _build_in_place(root: Path, final: Path) -> Path:
 def is_valid_demo(folder: Path) -> bool:
     """True only for a folder whose manifest matches this version and every file's size and hash."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        # Only a regular file is read: a FIFO planted in the cache would block the read forever.
+        manifest = json.loads(read_text(folder / MANIFEST, 1 << 20, "demo manifest"))
         if manifest.get("version") != DEMO_VERSION or set(manifest.get("files", {})) != set(FILES):
             return False
         for name, expected in manifest["files"].items():
@@ -126,7 +128,7 @@ def is_valid_demo(folder: Path) -> bool:
             if path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
                 return False
         return True
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, MoerunError):
         return False
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from moerun.backends.base import get_backend_class
-from moerun.backends.errors import CheckpointError, ConfigError
+from moerun.backends.errors import CheckpointError
 from moerun.runtime.block_manager import BlockManager
 from moerun.runtime.detokenizer import IncrementalDetokenizer
+from moerun.runtime.limits import max_model_len
 from moerun.runtime.model_config import load_model_config
 from moerun.runtime.model_runner import ModelRunner, Observe
 from moerun.runtime.request import Request, RequestOutput
@@ -58,10 +59,11 @@ class Engine:
         self.config = cfg = load_model_config(self.folder)
         self._tokenizer = Tokenizer.from_folder(self.folder) if (self.folder / "tokenizer.json").is_file() else None
         generation_config = read_optional_json(self.folder / "generation_config.json")
-        self.generation_defaults = GenerationDefaults.from_generation_config(generation_config)
+        self.generation_defaults = GenerationDefaults.from_generation_config(
+            generation_config, str(self.folder / "generation_config.json"))
         self.eos_token_ids = self._tokenizer.eos_token_ids if self._tokenizer else _eos_ids(generation_config, cfg.eos_token_ids)
         block_size = run.kv_block_size or get_backend_class(run.backend).capabilities.kv_block_sizes[0]
-        self.max_model_len = _max_model_len(run, cfg.max_position_embeddings, run.kv_num_blocks * block_size)
+        self.max_model_len = max_model_len(run, cfg.max_position_embeddings, run.kv_num_blocks * block_size)
         # The tokenizer's vocabulary: a checkpoint's vocab_size may be padded past it, and those ids never sampled.
         sample_vocab = min(cfg.vocab_size, self._tokenizer.vocab_size) if self._tokenizer else cfg.vocab_size
         self.runner = ModelRunner(run, self.folder, cfg, num_layers or run.num_layers or cfg.num_layers, block_size,
@@ -246,19 +248,6 @@ class Engine:
             prompt_logprobs=list(request.prompt_logprobs) if params.prompt_logprobs is not None and first else None,
             finished=request.finished, finish_reason=request.finish_reason, stop_reason=request.stop_reason,
             num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=request.num_cached_tokens)
-
-
-def _max_model_len(run: RunConfig, max_positions: int, cache_tokens: int) -> int:
-    """scheduler.max_model_len, else the model's max_position_embeddings, within what the KV cache holds: every
-    request that fits max_model_len then fits the cache alone, so it is refused at once or served eventually."""
-    asked = run.scheduler.max_model_len
-    if asked is not None and asked > max_positions:
-        raise ConfigError(f"{run.source}: scheduler.max_model_len: {asked} is more than the model's "
-                          f"max_position_embeddings {max_positions}")
-    if asked is not None and asked > cache_tokens:
-        raise ConfigError(f"{run.source}: scheduler.max_model_len: {asked} tokens do not fit the KV cache "
-                          f"({cache_tokens} tokens: kv_cache.num_blocks x block_size); raise kv_cache.num_blocks")
-    return asked or min(max_positions, cache_tokens)
 
 
 def _eos_ids(generation_config: dict, config_eos: tuple[int, ...]) -> tuple[int, ...]:

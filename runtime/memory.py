@@ -19,6 +19,7 @@ from moerun.backends.errors import ResourceError
 
 GB = 1e9
 MEMINFO = Path("/proc/meminfo")
+CGROUP = Path("/sys/fs/cgroup")
 
 
 def format_bytes(n: float) -> str:
@@ -30,12 +31,24 @@ def count(n: int, noun: str) -> str:
 
 
 def host_memory_available() -> int | None:
-    """Bytes the host can still give this process (MemAvailable + SwapFree), None where /proc/meminfo is absent."""
+    """MemAvailable from /proc/meminfo (it counts reclaimable page cache), narrowed by a cgroup v2 memory limit
+    when the process runs under one (containers, CI runners); None where neither can be read. Swap is not
+    counted: weights paged out to swap would make every step crawl."""
     try:
-        fields = dict(line.split(":", 1) for line in MEMINFO.read_text().splitlines() if ":" in line)
-        return sum(int(fields[key].split()[0]) * 1024 for key in ("MemAvailable", "SwapFree") if key in fields)
-    except (OSError, ValueError):
+        fields = dict(line.split(":", 1) for line in MEMINFO.read_text(encoding="ascii").splitlines() if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
         return None
+    try:
+        limit = (CGROUP / "memory.max").read_text(encoding="ascii").strip()
+        if limit != "max":
+            used = int((CGROUP / "memory.current").read_text(encoding="ascii"))
+            stat = dict(line.split() for line in (CGROUP / "memory.stat").read_text(encoding="ascii").splitlines()
+                        if line.strip())
+            available = min(available, max(int(limit) - used + int(stat.get("inactive_file", 0)), 0))
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def memory_free(backend: Backend) -> int | None:

@@ -18,6 +18,7 @@ from moerun.backends.base import ModelSpec, get_backend_class
 from moerun.backends.errors import ConfigError
 from moerun.runtime.checkpoint import Checkpoint
 from moerun.runtime.kv_cache import allocate_kv_caches
+from moerun.runtime.limits import check_memory
 from moerun.runtime.loader import WeightLoader
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import ModelConfig
@@ -63,7 +64,9 @@ class ModelRunner:
             kv_block_size=block_size, fp8_block=cfg.fp8_block))
         if num_layers > cfg.num_layers:
             raise ConfigError(f"model.num_layers: {num_layers} is more than the checkpoint's {cfg.num_layers} layers")
-        weights = WeightLoader(Checkpoint(folder), cfg, backend).load(num_layers, progress)
+        loader = WeightLoader(Checkpoint(folder), cfg, backend)
+        check_memory(backend, cfg, num_layers, run.kv_num_blocks, block_size, loader.weight_bytes(num_layers))
+        weights = loader.load(num_layers, progress)
         self.model = MiniMaxM2Model(cfg, weights, backend)
         self.kv_caches = allocate_kv_caches(backend, num_layers, run.kv_num_blocks, block_size, cfg.num_kv_heads,
                                             cfg.head_dim)

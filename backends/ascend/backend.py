@@ -30,6 +30,12 @@ class AscendBackend(Backend):
     )
     default_options = {"emulate": False, "device": "npu:0"}
 
+    @classmethod
+    def validate_options(cls, options: dict[str, Any] | None, key_path: str) -> dict[str, Any]:
+        options = super().validate_options(options, key_path)
+        npu_ops.parse_device(options["device"], f"{key_path}.device")  # a typo shows up on any machine
+        return options
+
     def __init__(self, options: dict[str, Any], dtype: torch.dtype) -> None:
         super().__init__(options, dtype)
         self._source = npu_ops.load(bool(options.get("emulate", False)), options.get("device", "npu:0"))

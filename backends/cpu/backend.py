@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from moerun.backends.base import (
     AttentionMetadata, Backend, Capabilities, LinearWeight, W8A8ExpertWeights, W8A8LinearWeight)
 from moerun.backends.cpu import ops, w8a8
+from moerun.backends.errors import ConfigError, shown
 
 
 class CpuBackend(Backend):
@@ -21,6 +23,16 @@ class CpuBackend(Backend):
         w8a8=True,  # the reference W8A8 arithmetic of w8a8.py, so `backend: cpu` runs W8A8 checkpoints
     )
     default_options = {"threads": 0}  # 0: torch's default
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any] | None, key_path: str) -> dict[str, Any]:
+        options = super().validate_options(options, key_path)
+        # Far more threads than cores only slows torch down; thousands make OpenMP crash the process.
+        most = max_threads()
+        if not 0 <= options["threads"] <= most:
+            raise ConfigError(f"{key_path}.threads: {shown(options['threads'])} is out of range "
+                              f"(allowed: 0..{most}, 0 = torch's default; this machine has {os.cpu_count()} CPUs)")
+        return options
 
     def __init__(self, options: dict[str, Any], dtype: torch.dtype) -> None:
         super().__init__(options, dtype)
@@ -66,3 +78,8 @@ class CpuBackend(Backend):
         if isinstance(experts, W8A8ExpertWeights):
             return w8a8.experts(x, weights, ids, experts)
         return ops.experts(x, weights, ids, experts.w13, experts.w2)
+
+
+def max_threads() -> int:
+    return 4 * (os.cpu_count() or 1)
+
