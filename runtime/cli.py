@@ -23,6 +23,7 @@ COMMANDS = (
     "moerun.runtime.commands.smoke:smoke",
     "moerun.runtime.commands.parity:parity",
     "moerun.runtime.commands.quantize:quantize",
+    "moerun.runtime.commands.serve:serve",
     "moerun.runtime.bench:bench",
 )
 
