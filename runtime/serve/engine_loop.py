@@ -115,7 +115,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self.dead: BaseException | None = None
         self.stats = engine.stats()  # replaced (never mutated) after every step
-        self.num_aborted = 0  # requests aborted in the engine, for tests and logs
+        self.num_aborted = 0  # requests aborted in the engine (their client went away)
 
     # ---- the event-loop side -------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -4,9 +4,7 @@ engine (admission, its outputs as they come, its end in the metrics and in the e
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -36,10 +34,6 @@ class ServeState:
 
     def __post_init__(self) -> None:
         self.token_texts = TokenTexts(self.tokenizer)
-        self._ids = itertools.count()
-
-    def new_request_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
 
     async def start(self, endpoint: str, request_id: str, prompt_ids: list[int], sampling: Mapping[str, Any],
                     arrival: float) -> Generation:
@@ -47,21 +41,15 @@ class ServeState:
         the engine is dead."""
         if self.max_concurrent_requests and self.in_flight >= self.max_concurrent_requests:
             raise too_many_requests(self.max_concurrent_requests)
-        try:
-            params = SamplingParams(**sampling)
-        except MoerunError as bad:
-            raise engine_refused(str(bad)) from None
         self.in_flight += 1
         try:
-            stream = await self.engine_loop.submit(request_id, prompt_ids, params)
-        except MoerunError as refused:
+            stream = await self.engine_loop.submit(request_id, prompt_ids, SamplingParams(**sampling))
+        except BaseException as error:
             self.in_flight -= 1
-            raise engine_refused(str(refused)) from None
-        except EngineDeadError as dead:
-            self.in_flight -= 1
-            raise engine_dead(dead) from None
-        except BaseException:
-            self.in_flight -= 1
+            if isinstance(error, MoerunError):
+                raise engine_refused(str(error)) from None
+            if isinstance(error, EngineDeadError):
+                raise engine_dead(error) from None
             raise
         metrics = self.metrics.request(endpoint, arrival)
         metrics.accepted(len(prompt_ids))
@@ -91,7 +79,7 @@ class Generation:
 
     async def outputs(self) -> AsyncIterator[list[Any]]:
         """The engine's outputs in pieces (whatever arrived since the last one), up to the finished one.
-        Raises OpenAIError 500 when the engine dies or drops the request."""
+        Raises OpenAIError 500 when the engine dies."""
         while not self._stream.finished:
             try:
                 deliveries = await self._stream.next()
@@ -99,11 +87,7 @@ class Generation:
                 self._failed = True
                 raise engine_dead(dead) from None
             self._metrics.delivered(deliveries)
-            outputs = [d.output for d in deliveries]
-            if outputs[-1].finished and outputs[-1].finish_reason == "abort":
-                self._failed = True
-                raise server_error("The engine aborted the request.")
-            yield outputs
+            yield [d.output for d in deliveries]
 
     def close(self) -> None:
         if self._closed:
