@@ -124,10 +124,12 @@ SERVERS = {"moerun": moerun_command, "transformers": transformers_command}
 
 
 @contextlib.contextmanager
-def running(server: str, checkpoint: Path, work: Path, log: Path):
+def running(server: str, checkpoint: Path, work: Path, log: Path, threads: int | None):
     port = free_port()
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}  # torch's intra-op threads
     with open(log, "w") as log_file:
-        process = subprocess.Popen(SERVERS[server](checkpoint, work, port), stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(SERVERS[server](checkpoint, work, port), stdout=log_file, stderr=subprocess.STDOUT,
+                                   env=env)
         try:
             wait_healthy(f"http://127.0.0.1:{port}/health", process, log)
             yield f"http://127.0.0.1:{port}/v1"
@@ -216,6 +218,9 @@ def main() -> None:
     parser.add_argument("--requests", default="8,32,64", help="requests per level")
     parser.add_argument("--input-len", type=int, default=128, help="prompt words (about 280 tokens here)")
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of both servers (OMP_NUM_THREADS); default: torch's (one per core). On "
+                             "a machine other jobs keep busy, 1 avoids OpenMP stalls that slow both servers 10x")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     requests = [int(x) for x in args.requests.split(",")]
@@ -232,7 +237,7 @@ def main() -> None:
     for round_ in range(1, args.rounds + 1):
         for server in SERVERS:
             print(f"round {round_}: {server}", file=sys.stderr)
-            with running(server, checkpoint, args.work, args.work / f"{server}-{round_}.log") as endpoint:
+            with running(server, checkpoint, args.work, args.work / f"{server}-{round_}.log", args.threads) as endpoint:
                 for level, count in zip(levels, requests):
                     out = args.work / "results" / f"{server}-r{round_}-c{level}.json"
                     result = run_level(server, endpoint, checkpoint, level, count, args, out)
@@ -246,7 +251,7 @@ def main() -> None:
     print(f"moerun serve vs transformers serve --continuous-batching  {started:%Y-%m-%d %H:%M} UTC, {minutes:.0f} min")
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, load average "
           f"{load_before[0]:.1f} before / {os.getloadavg()[0]:.1f} after; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+          f"transformers {transformers.__version__}; torch threads per server: {args.threads or 'default'}")
     print(f"workload: {args.input_len} prompt words, {args.output_len} output tokens (greedy, fixed), requests per "
           f"level {args.requests}, {args.rounds} rounds interleaved; checkpoint {checkpoint} "
           f"({sum(f.stat().st_size for f in checkpoint.iterdir()) / 1e9:.2f} GB)")
