@@ -32,6 +32,7 @@ COMMANDS = {
     "smoke": "moerun.runtime.commands.smoke:smoke",
     "parity": "moerun.runtime.commands.parity:parity",
     "quantize": "moerun.runtime.commands.quantize:quantize",
+    "serve": "moerun.runtime.commands.serve:serve",
     "bench": "moerun.runtime.bench:bench",
 }
 

@@ -85,11 +85,11 @@ async def _run(endpoint: str, api_key: str | None, model: str | None, workload_a
         model = model or await _served_model(client, endpoint)
         workload = serve_bench.Workload(model=model, **workload_args)
         url = api_url(endpoint, workload.api)
-        specs = serve_bench.build_requests(workload)
-        for spec in specs[:warmup]:  # untimed: lets a server compile or warm its caches first
+        for spec in serve_bench.build_requests(workload, "warmup", warmup):  # untimed: lets a server compile first
             await serve_bench.send_request(client, url, serve_bench.request_body(workload, spec))
         summaries = []
         for concurrency in levels:
+            specs = serve_bench.build_requests(workload, f"concurrency-{concurrency}")
             results, duration = await serve_bench.run_level(client, url, workload, specs, concurrency, rate)
             summary = serve_bench.summarize(results, duration, concurrency, rate)
             summaries.append(summary)
