@@ -3,19 +3,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from moerun.backends.base import ModelSpec, get_backend_class
+from moerun.backends.base import Backend, ModelSpec, get_backend_class
 from moerun.runtime.batch import Sequence, build_step
 from moerun.runtime.checkpoint import Checkpoint
 from moerun.backends.errors import ConfigError, MoerunError
 from moerun.runtime.kv_cache import PagedKVCache
-from moerun.runtime.loader import WeightLoader
+from moerun.runtime.loader import WeightLoader, validate_checkpoint
 from moerun.runtime.model import MiniMaxM2Model
-from moerun.runtime.model_config import load_model_config
+from moerun.runtime.model_config import ModelConfig, load_model_config
 from moerun.runtime.run_config import BUILTIN_DEMO, RunConfig, load_run_config
 from moerun.runtime.sampling import SamplingParams, sample
 
@@ -30,24 +31,56 @@ def resolve_model_folder(model_path: str) -> Path:
     return Path(model_path)
 
 
+def check_token_ids(token_ids: list[int], vocab: int) -> None:
+    if not token_ids:
+        raise MoerunError("no token ids given")
+    for i, t in enumerate(token_ids):
+        if not 0 <= t < vocab:
+            raise MoerunError(f"token id {t} at position {i} is outside the vocabulary (allowed: 0..{vocab - 1})")
+
+
+@dataclasses.dataclass
+class EnginePlan:
+    """Everything an engine checks before it reads a weight, so a command can refuse a bad configuration before
+    loading any (parity checks all of its configurations first)."""
+
+    run: RunConfig
+    folder: Path
+    config: ModelConfig
+    num_layers: int
+    kv_block_size: int
+    backend: Backend
+    checkpoint: Checkpoint
+
+
+def plan_engine(run: RunConfig, num_layers: int | None = None) -> EnginePlan:
+    """The checkpoint's config.json, the layer count, the backend (built, not loaded) and its verdict on the model,
+    and the checkpoint's tensor set (headers only)."""
+    folder = resolve_model_folder(run.model_path)
+    cfg = load_model_config(folder)
+    layers = num_layers or run.num_layers or cfg.num_layers
+    if layers > cfg.num_layers:
+        raise ConfigError(f"model.num_layers: {layers} is more than the checkpoint's {cfg.num_layers} layers")
+    backend = get_backend_class(run.backend)(run.backend_options, run.dtype)
+    block_size = run.kv_block_size or backend.capabilities.kv_block_sizes[0]
+    # The backend refuses a model its kernels cannot run now, not at the first request.
+    backend.check_model(ModelSpec(
+        hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
+        intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, dtype=run.dtype,
+        kv_block_size=block_size, fp8_block=cfg.fp8_block))
+    checkpoint = Checkpoint(folder)
+    validate_checkpoint(checkpoint, cfg, layers)
+    return EnginePlan(run, folder, cfg, layers, block_size, backend, checkpoint)
+
+
 class Engine:
-    def __init__(self, run: RunConfig, num_layers: int | None = None,
+    def __init__(self, run: RunConfig | EnginePlan, num_layers: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> None:
-        self.run = run
-        self.folder = resolve_model_folder(run.model_path)
-        self.config = cfg = load_model_config(self.folder)
-        layers = num_layers or run.num_layers or cfg.num_layers
-        if layers > cfg.num_layers:
-            raise ConfigError(f"model.num_layers: {layers} is more than the checkpoint's {cfg.num_layers} layers")
-        self.backend = get_backend_class(run.backend)(run.backend_options, run.dtype)
-        block_size = run.kv_block_size or self.backend.capabilities.kv_block_sizes[0]
-        # The backend refuses a model its kernels cannot run now, not at the first request.
-        self.backend.check_model(ModelSpec(
-            hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
-            intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, dtype=run.dtype,
-            kv_block_size=block_size, fp8_block=cfg.fp8_block))
-        weights = WeightLoader(Checkpoint(self.folder), cfg, self.backend).load(layers, progress)
+        plan = run if isinstance(run, EnginePlan) else plan_engine(run, num_layers)
+        self.run, self.folder, self.config, self.backend = plan.run, plan.folder, plan.config, plan.backend
+        cfg, layers, block_size, run = plan.config, plan.num_layers, plan.kv_block_size, plan.run
+        weights = WeightLoader(plan.checkpoint, cfg, self.backend).load(layers, progress)
         self.model = MiniMaxM2Model(cfg, weights, self.backend)
         self.cache = PagedKVCache(self.backend, layers, run.kv_num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # Decode steps may be replayed as device graphs; prefill always runs the graph eagerly.
@@ -71,12 +104,7 @@ class Engine:
         return self._tokenizer
 
     def check_token_ids(self, token_ids: list[int]) -> None:
-        vocab = self.config.vocab_size
-        if not token_ids:
-            raise MoerunError("no token ids given")
-        for i, t in enumerate(token_ids):
-            if not 0 <= t < vocab:
-                raise MoerunError(f"token id {t} at position {i} is outside the vocabulary (allowed: 0..{vocab - 1})")
+        check_token_ids(token_ids, self.config.vocab_size)
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], all_logits: bool = False,

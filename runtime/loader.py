@@ -23,6 +23,8 @@ from moerun.runtime.weights import LayerWeights, ModelWeights
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some exporters save; recomputed, never read
+# The float dtypes validate_checkpoint lets through, by their safetensors names.
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def layer_prefix(i: int) -> str:
@@ -98,7 +100,7 @@ def validate_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, num_layers: int) -> 
         actual_dtype = ckpt.dtype(name)
         if dtype is not None and actual_dtype != dtype:
             problems.append(f"{name}: dtype {actual_dtype} in {file}, expected {dtype}")
-        if dtype is None and actual_dtype not in ("F32", "BF16", "F16"):
+        if dtype is None and actual_dtype not in SAFETENSORS_DTYPES:
             problems.append(f"{name}: dtype {actual_dtype} in {file}, expected a float (F32, BF16, F16)")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -119,6 +121,9 @@ class WeightLoader:
         # The backend runs FP8 itself, or we dequantize here.
         self.keep_fp8 = cfg.fp8_block is not None and backend.capabilities.fp8_weights
         self.dequant_device = backend.device if backend.capabilities.dequantize_on_device else torch.device("cpu")
+        # The router gate and its bias stay fp32 whatever the model dtype (selection is knife-edge); float64 in a
+        # float64 run.
+        self.router_dtype = torch.promote_types(self.dtype, torch.float32)
 
     def load(self, num_layers: int, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
         """progress(layers_done, num_layers) after each layer."""
@@ -143,7 +148,7 @@ class WeightLoader:
     def _linear(self, module: str) -> object:
         weight = self.ckpt.read(f"{module}.weight")
         if not is_quantized(self.cfg, module):
-            return self.backend.prepare_linear(LinearWeight(weight.to(self.dtype)))
+            return self.backend.prepare_linear(LinearWeight(weight.to(self.backend.weight_dtype(weight.dtype))))
         scale = self.ckpt.read(f"{module}.weight_scale_inv")
         if self.keep_fp8:
             return self.backend.prepare_linear(LinearWeight(weight, scale, self.cfg.fp8_block))
@@ -160,9 +165,8 @@ class WeightLoader:
             q_norm=self._dense(f"{p}.self_attn.q_norm.weight"),
             k_norm=self._dense(f"{p}.self_attn.k_norm.weight"),
             post_attention_norm=self._dense(f"{p}.post_attention_layernorm.weight"),
-            # Router gate and correction bias stay fp32 whatever the model dtype (selection is knife-edge).
-            router=self._dense(f"{p}.block_sparse_moe.gate.weight", torch.float32),
-            router_bias=self._dense(f"{p}.block_sparse_moe.e_score_correction_bias", torch.float32),
+            router=self._dense(f"{p}.block_sparse_moe.gate.weight", self.router_dtype),
+            router_bias=self._dense(f"{p}.block_sparse_moe.e_score_correction_bias", self.router_dtype),
             experts=self._experts(p),
         )
 
@@ -179,7 +183,9 @@ class WeightLoader:
         if quantized and self.keep_fp8 and not stacked_fp8:
             raise CheckpointError(f"{p}: intermediate_size {inter} is not a multiple of the FP8 block "
                                   f"{cfg.fp8_block[0]}, which FP8 execution needs")
-        store = torch.float8_e4m3fn if stacked_fp8 else self.dtype
+        first = self.ckpt.dtype(f"{p}.block_sparse_moe.experts.{local[0]}.w1.weight")
+        store = (torch.float8_e4m3fn if stacked_fp8 else self.dtype if quantized
+                 else self.backend.weight_dtype(SAFETENSORS_DTYPES[first]))
         w13 = torch.empty(len(local), 2 * inter, h, dtype=store)
         w2 = torch.empty(len(local), h, inter, dtype=store)
         s13 = s2 = None

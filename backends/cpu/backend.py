@@ -5,20 +5,34 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from moerun.backends.base import AttentionMetadata, Backend, Capabilities
 from moerun.backends.cpu import ops
+from moerun.backends.errors import ConfigError
+
+# cpu.weights: what the loader keeps of a float weight the checkpoint stores narrower than model.dtype.
+WEIGHTS_CHOICES = ("model", "checkpoint")
 
 
 class CpuBackend(Backend):
     name = "cpu"
     capabilities = Capabilities(
-        dtypes=(torch.float32, torch.bfloat16, torch.float16),
+        dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
         kv_block_sizes=(16, 32, 64, 128, 256),
         fp8_weights=False,
     )
-    default_options = {"threads": 0}  # 0: torch's default
+    # threads 0: torch's default. weights "model": float weights converted to model.dtype at load; "checkpoint":
+    # a weight stored narrower than model.dtype (bf16 under a float32 run) stays as stored and is widened per op,
+    # the same arithmetic at a fraction of the memory (how `moerun parity` fits its high-precision run).
+    default_options = {"threads": 0, "weights": "model"}
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any] | None, key_path: str) -> dict[str, Any]:
+        options = super().validate_options(options, key_path)
+        if options["weights"] not in WEIGHTS_CHOICES:
+            raise ConfigError(f"{key_path}.weights: {options['weights']!r} is not allowed "
+                              f"(allowed: {', '.join(WEIGHTS_CHOICES)})")
+        return options
 
     def __init__(self, options: dict[str, Any], dtype: torch.dtype) -> None:
         super().__init__(options, dtype)
@@ -29,6 +43,10 @@ class CpuBackend(Backend):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def weight_dtype(self, stored: torch.dtype) -> torch.dtype:
+        keep = self.options.get("weights") == "checkpoint" and stored.is_floating_point and stored.itemsize < self.dtype.itemsize
+        return stored if keep else self.dtype
+
     def allocate_kv_cache(self, num_blocks, block_size, num_kv_heads, head_dim, dtype):
         return ops.allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
 
@@ -36,7 +54,7 @@ class CpuBackend(Backend):
         ops.write_kv(kv_cache, k, v, meta.slot_mapping)
 
     def linear(self, x, w):
-        return F.linear(x, w)
+        return ops.linear(x, w)
 
     def rms_norm(self, x, weight, eps):
         return ops.rms_norm(x, weight, eps)

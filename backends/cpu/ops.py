@@ -1,7 +1,8 @@
 """Reference implementations of every backend op, in plain PyTorch.
 
-Written for clarity and exactness first: statistics, softmax and the expert combine run in fp32, and each op
-follows the MiniMax-M2 math of transformers' MiniMaxM2ForCausalLM. Other backends' tests call these functions
+Written for clarity and exactness first: statistics, softmax and the expert combine run in fp32 (in float64 when
+the model runs in float64, as a high-precision reference does), and each op follows the MiniMax-M2 math of
+transformers' MiniMaxM2ForCausalLM. Other backends' tests call these functions
 directly as their oracle, so they take plain tensors (no backend state) and work on any device.
 """
 
@@ -11,9 +12,26 @@ import torch
 import torch.nn.functional as F
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of statistics and accumulations: fp32, or the input's own where it is finer (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# Rows of a stored-narrower weight widened at a time by `linear` (bounds the scratch to ~64 MB at M2's hidden size).
+_WIDEN_ROWS = 4096
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ w^T. A weight held narrower than x (cpu `weights: checkpoint`) is widened a block of rows at a
+    time: the same products as a weight converted at load, without a full-width copy of a 200k-row lm_head."""
+    if w.dtype == x.dtype:
+        return F.linear(x, w)
+    return torch.cat([F.linear(x, w[i:i + _WIDEN_ROWS].to(x.dtype)) for i in range(0, w.shape[0], _WIDEN_ROWS)], dim=-1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # As transformers does it: normalize in fp32, cast back to the input dtype, then scale by the weight.
-    xf = x.float()
+    xf = x.to(wide(x.dtype))
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
 
@@ -65,9 +83,10 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: list[int
         q_len = end - start
         k, v = gather_kv(kv_cache, block_tables[b], seq_len)
         group = num_heads // k.shape[1]
-        k = k.float().repeat_interleave(group, dim=1)  # [S, Hq, D]
-        v = v.float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
+        acc = wide(q.dtype)
+        k = k.to(acc).repeat_interleave(group, dim=1)  # [S, Hq, D]
+        v = v.to(acc).repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].to(acc), k) * scale
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
         k_pos = torch.arange(seq_len, device=q.device)[None, :]
         scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
@@ -81,8 +100,8 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: list[int
 def route(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmoid scores; the correction bias only chooses the experts; weights are the chosen unbiased scores,
     renormalized to sum 1. All in fp32: bf16 here flips expert choices."""
-    scores = torch.sigmoid(router_logits.float())
-    ids = torch.topk(scores + bias.float(), top_k, dim=-1).indices
+    scores = torch.sigmoid(router_logits.to(wide(router_logits.dtype)))
+    ids = torch.topk(scores + bias.to(scores.dtype), top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
@@ -98,7 +117,8 @@ def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torc
     order = torch.argsort(flat_ids, stable=True)
     token_of_pair = order // top_k  # which token each sorted pair belongs to
     counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-    out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+    acc = wide(x.dtype)
+    out = torch.zeros(num_tokens, x.shape[-1], dtype=acc, device=x.device)
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
@@ -106,10 +126,11 @@ def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torc
         pairs = order[start:start + count]
         tokens = token_of_pair[start:start + count]
         start += count
-        gate_up = F.linear(x[tokens], w13[expert])
+        # .to: a no-op, unless the stack is held narrower than x (cpu `weights: checkpoint`)
+        gate_up = F.linear(x[tokens], w13[expert].to(x.dtype))
         hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = F.linear(hidden, w2[expert])
-        out.index_add_(0, tokens, y.float() * weights.reshape(-1)[pairs, None].float())
+        y = F.linear(hidden, w2[expert].to(x.dtype))
+        out.index_add_(0, tokens, y.to(acc) * weights.reshape(-1)[pairs, None].to(acc))
     return out.to(x.dtype)
 
 
