@@ -7,6 +7,7 @@ checkpoint is never held in memory twice. Every problem names the tensor and the
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -17,38 +18,51 @@ from moerun.backends.errors import CheckpointError
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def shard_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint folder, and the index's tensor -> file map when it has an index (the
+    index names the files; without one, every *.safetensors file in the folder)."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {INDEX_FILE} but missing")
+        return files, weight_map
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors files")
+    return files, None
+
+
+def tensor_locations(names_by_file: Iterable[tuple[Path, Iterable[str]]],
+                     weight_map: dict[str, str] | None) -> dict[str, Path]:
+    """tensor name -> the file that holds it: each tensor in exactly one file, and in the one the index names."""
+    file_of: dict[str, Path] = {}
+    for path, names in names_by_file:
+        for name in names:
+            if name in file_of:
+                raise CheckpointError(f"{name}: stored twice, in {file_of[name].name} and {path.name}")
+            file_of[name] = path
+    for name, file in (weight_map or {}).items():
+        actual = file_of.get(name)
+        if actual is None or actual.name != file:
+            where = f"it is in {actual.name}" if actual else "it is in no file"
+            raise CheckpointError(f"{name}: {INDEX_FILE} says {file}, but {where}")
+    return file_of
+
+
 class Checkpoint:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: checkpoint folder not found")
-        self._files = self._shard_files()
+        self._files, self.weight_map = shard_files(self.folder)
         self._handles: dict[Path, object] = {}
-        self.file_of: dict[str, Path] = {}
-        for path in self._files:
-            for name in self._open(path).keys():
-                if name in self.file_of:
-                    raise CheckpointError(f"{name}: stored twice, in {self.file_of[name].name} and {path.name}")
-                self.file_of[name] = path
-        self._check_index()
-
-    def _shard_files(self) -> list[Path]:
-        index = self.folder / INDEX_FILE
-        if index.is_file():
-            try:
-                self.weight_map: dict[str, str] | None = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            files = sorted({self.folder / f for f in self.weight_map.values()})
-            for f in files:
-                if not f.is_file():
-                    raise CheckpointError(f"{f}: listed in {INDEX_FILE} but missing")
-            return files
-        self.weight_map = None
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{self.folder}: no *.safetensors files")
-        return files
+        self.file_of = tensor_locations(((path, self._open(path).keys()) for path in self._files), self.weight_map)
 
     def _open(self, path: Path):
         if path not in self._handles:
@@ -57,15 +71,6 @@ class Checkpoint:
             except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
                 raise CheckpointError(f"{path}: not a readable safetensors file ({_short(e)})") from None
         return self._handles[path]
-
-    def _check_index(self) -> None:
-        if self.weight_map is None:
-            return
-        for name, file in self.weight_map.items():
-            actual = self.file_of.get(name)
-            if actual is None or actual.name != file:
-                where = f"it is in {actual.name}" if actual else "it is in no file"
-                raise CheckpointError(f"{name}: {INDEX_FILE} says {file}, but {where}")
 
     def names(self) -> set[str]:
         return set(self.file_of)

@@ -22,6 +22,7 @@ COMMANDS = (
     "moerun.runtime.commands.logits:logits",
     "moerun.runtime.commands.smoke:smoke",
     "moerun.runtime.commands.parity:parity",
+    "moerun.runtime.commands.fingerprint:fingerprint",
     "moerun.runtime.bench:bench",
 )
 

@@ -6,8 +6,11 @@ import contextlib
 import os
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 import numpy as np
@@ -40,6 +43,24 @@ def load_engine(config, num_layers: int | None = None, label: str = "loading"):
         return Engine(run, num_layers=num_layers, progress=progress)
 
 
+class ByteProgress:
+    """A progress bar over bytes on stderr, with GB done and GB/s; call it with (bytes done, bytes total)."""
+
+    def __init__(self, stack: contextlib.ExitStack, label: str) -> None:
+        self.stack, self.label = stack, label
+        self.bar = None
+        self.shown = 0
+        self.start = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = self.stack.enter_context(click.progressbar(
+                length=max(total, 1), label=self.label, file=sys.stderr, item_show_func=lambda text: text))
+        rate = done / 1e9 / max(time.monotonic() - self.start, 1e-9)
+        self.bar.update(done - self.shown, f"{done / 1e9:.2f}/{total / 1e9:.2f} GB, {rate:.2f} GB/s")
+        self.shown = done
+
+
 def parse_token_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
@@ -54,13 +75,32 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     click.echo(format_table(headers, rows))
 
 
-def write_npy_atomically(path: Path, array: np.ndarray) -> None:
-    """Never leave a half-written file at `path`: write beside it, then rename."""
+def check_output_path(path: Path, option: str = "--out") -> None:
+    """Refuse an output path before any work is done: its folder must exist and be writable, and the path itself
+    must be a regular file or not exist yet (never a folder or a device node, which a rename would replace)."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise MoerunError(f"{option}: folder {parent} does not exist")
+    if path.exists() and not path.is_file():
+        raise MoerunError(f"{option}: {path} exists and is not a regular file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MoerunError(f"{option}: cannot write in {parent}")
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Never leave a half-written file at `path`: write(file) beside it, then rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
+            write(f)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the mode a plain open() would give, not mkstemp's private 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_npy_atomically(path: Path, array: np.ndarray) -> None:
+    write_atomically(path, lambda f: np.save(f, array))
