@@ -48,7 +48,7 @@ def test_calibrated_verdict_passes_a_faithful_bf16_candidate(bf16_model, write_y
     cand = write_yaml(run_yaml(folder, "ascend", "bfloat16", block_size=128, ascend={"emulate": True}), "asc.yaml")
     assert main(["parity", "-c", str(ref), "-c", str(cand), *TOKENS]) == 0
     out = capsys.readouterr().out
-    floor, candidate, _, limit = _metric(out, "median KL(HP||x)")
+    floor, candidate, _, limit = _metric(out, "median KL(y||x)")[:4]
     assert 0 < float(floor) and float(candidate) <= float(limit)
     assert "HP = A's checkpoint on cpu in float32" in out and out.rstrip().endswith("PASS")
 
@@ -59,7 +59,7 @@ def test_calibrated_verdict_fails_a_4bit_candidate(bf16_model, write_yaml, capsy
     cand = write_yaml(run_yaml(quantized, dtype="bfloat16"), "q4.yaml")
     assert main(["parity", "-c", str(ref), "-c", str(cand), *TOKENS]) == 1
     out = capsys.readouterr().out
-    floor, candidate, *_ = _metric(out, "median KL(HP||x)")
+    floor, candidate, *_ = _metric(out, "median KL(y||x)")
     assert float(candidate) > 100 * float(floor)
     assert "FAIL: median KL(HP||candidate)" in out
 
@@ -157,7 +157,7 @@ def test_prompts_file_uses_the_reference_tokenizer(tmp_path, monkeypatch, capsys
     prompts.write_text("hello there\n\nThe quick brown fox\n")
     assert main(["parity", "-c", str(cfg), "-c", str(cfg), "--prompts", str(prompts)]) == 0
     out = capsys.readouterr().out
-    assert "PASS" in out and _metric(out, "top-1 agreement with HP")[:2] == ["1.0000", "1.0000"]
+    assert "PASS" in out and _metric(out, "top-1 agreement")[:2] == ["1.0000", "1.0000"]
 
 
 def test_parity_metrics_on_known_distributions():

@@ -186,7 +186,8 @@ def _report_calibrated(configs, hp_run, outputs: list[RunOutput], cal: Calibrati
             where = f"layer {layer.removeprefix('layer')}, {op}" if op else first.name
             click.echo(f"B leaves the floor first at {where} ({first.name})")
         click.echo()
-    print_table(["metric", "floor: A vs HP", "candidate: B vs HP", "limit"], [list(r) for r in verdict.rows()])
+    print_table(["metric (x against y)", "floor: A vs HP", "candidate: B vs HP", "limit", "B vs A"],
+                [list(r) for r in verdict.rows()])
     _finish(verdict.passed, verdict.failures)
 
 
