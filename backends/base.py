@@ -31,6 +31,10 @@ class Capabilities:
     # True: float8 tensors may be moved to the device and dequantized there (fast); else the loader dequantizes
     # on the host (a device that may not hold float8 tensors at all, e.g. Ascend A2/A3).
     dequantize_on_device: bool = False
+    # True: the backend executes W8A8_DYNAMIC weights itself (int8 weights, activations quantized per token at run
+    # time; prepare_* receive W8A8LinearWeight / W8A8ExpertWeights); else the loader dequantizes them to the model
+    # dtype (W = int8 x scale per output channel).
+    w8a8: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,25 @@ class ExpertWeights:
     w13_scale_inv: torch.Tensor | None = None  # [E, ceil(2I/bn), ceil(H/bk)] for FP8
     w2_scale_inv: torch.Tensor | None = None  # [E, ceil(H/bn), ceil(I/bk)]
     block: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass
+class W8A8LinearWeight:
+    """A W8A8_DYNAMIC linear (msModelSlim's format): int8 [out, in] weights, symmetric per output channel, so
+    W ~ weight * scale[:, None]; the input is quantized per token (symmetric int8) when the layer runs."""
+
+    weight: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # fp32 [out]
+
+
+@dataclasses.dataclass
+class W8A8ExpertWeights:
+    """All experts of one MoE layer in W8A8_DYNAMIC, stacked like ExpertWeights (gate w1 rows first in w13)."""
+
+    w13: torch.Tensor  # int8 [E, 2I, H]
+    w13_scale: torch.Tensor  # fp32 [E, 2I]
+    w2: torch.Tensor  # int8 [E, H, I]
+    w2_scale: torch.Tensor  # fp32 [E, H]
 
 
 @dataclasses.dataclass
@@ -161,11 +184,13 @@ class Backend(abc.ABC):
         return self.dtype
 
     def prepare_linear(self, w: LinearWeight) -> Any:
-        """Move a linear weight to the device in the layout `linear` expects."""
+        """Move a linear weight to the device in the layout `linear` expects (a W8A8LinearWeight too when
+        capabilities.w8a8)."""
         return w.weight.to(self.device)
 
     def prepare_experts(self, w: ExpertWeights) -> Any:
-        """Move one layer's stacked experts (built on the host) to the device in the layout `experts` expects."""
+        """Move one layer's stacked experts (built on the host) to the device in the layout `experts` expects
+        (W8A8ExpertWeights too when capabilities.w8a8)."""
         return dataclasses.replace(w, w13=w.w13.to(self.device), w2=w.w2.to(self.device))
 
     # ---- KV cache ----------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import torch
 from moerun.backends.base import Backend, ExpertWeights, LinearWeight, ModelSpec, get_backend_class
 from moerun.backends.cpu.ops import dequantize_fp8_block
 from moerun.runtime.batch import Sequence, build_step
+from moerun.runtime.commands.bench_serve import serve
 from moerun.backends.errors import MoerunError
 from moerun.runtime.kv_cache import PagedKVCache
 from moerun.runtime.model import MiniMaxM2Model
@@ -447,7 +448,7 @@ def _ints(text: str, option: str) -> list[int]:
     return values
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("-c", "--config", type=str, default=None,
               help="YAML target: its backend, backend options, dtype and KV block size (default: the embedded demo).")
 @click.option("--small/--full", default=None, help="Miniature dimensions (default: on CPU devices) or MiniMax-M2's.")
@@ -464,7 +465,11 @@ def _ints(text: str, option: str) -> list[int]:
               help="JSON results file [bench_results/bench-<time>.json].")
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare, out, seed):
-    """Decode and prefill speed of a synthetic MiniMax-M2, with MBU and MFU measured against this device."""
+    """Decode and prefill speed of a synthetic MiniMax-M2, with MBU and MFU measured against this device.
+
+    `moerun bench serve` loads an OpenAI-compatible endpoint instead (see `moerun bench serve --help`)."""
+    if click.get_current_context().invoked_subcommand:
+        return  # a subcommand runs instead of the model benchmark
     config = config or str(resources.files("moerun.configs") / "demo.yaml")
     run = load_run_config(config)
     if compare and fp8:
@@ -526,3 +531,6 @@ def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     click.echo(f"\nwrote {path}")
+
+
+bench.add_command(serve)

@@ -14,15 +14,20 @@ import torch
 from safetensors import safe_open
 
 from moerun.backends.errors import CheckpointError
+from moerun.runtime.w8a8_format import INDEX_FILE as W8A8_INDEX_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
+INDEX_FILES = (INDEX_FILE, W8A8_INDEX_FILE)  # msModelSlim's W8A8 exports name their index after their shards
 
 
-def shard_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of a checkpoint folder, and the index's tensor -> file map when it has an index (the
-    index names the files; without one, every *.safetensors file in the folder)."""
-    index = folder / INDEX_FILE
-    if index.is_file():
+def shard_files(folder: Path) -> tuple[list[Path], dict[str, str] | None, str | None]:
+    """The safetensors files of a checkpoint folder, the index's tensor -> file map and the index's name when it has
+    an index (the index names the files; without one, every *.safetensors file in the folder)."""
+    indexes = [folder / name for name in INDEX_FILES if (folder / name).is_file()]
+    if len(indexes) > 1:
+        raise CheckpointError(f"{folder}: holds both {indexes[0].name} and {indexes[1].name}; keep one index")
+    if indexes:
+        index = indexes[0]
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -30,16 +35,16 @@ def shard_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
         files = sorted({folder / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():
-                raise CheckpointError(f"{f}: listed in {INDEX_FILE} but missing")
-        return files, weight_map
+                raise CheckpointError(f"{f}: listed in {index.name} but missing")
+        return files, weight_map, index.name
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors files")
-    return files, None
+    return files, None, None
 
 
-def tensor_locations(names_by_file: Iterable[tuple[Path, Iterable[str]]],
-                     weight_map: dict[str, str] | None) -> dict[str, Path]:
+def tensor_locations(names_by_file: Iterable[tuple[Path, Iterable[str]]], weight_map: dict[str, str] | None,
+                     index_name: str | None = None) -> dict[str, Path]:
     """tensor name -> the file that holds it: each tensor in exactly one file, and in the one the index names."""
     file_of: dict[str, Path] = {}
     for path, names in names_by_file:
@@ -51,7 +56,7 @@ def tensor_locations(names_by_file: Iterable[tuple[Path, Iterable[str]]],
         actual = file_of.get(name)
         if actual is None or actual.name != file:
             where = f"it is in {actual.name}" if actual else "it is in no file"
-            raise CheckpointError(f"{name}: {INDEX_FILE} says {file}, but {where}")
+            raise CheckpointError(f"{name}: {index_name} says {file}, but {where}")
     return file_of
 
 
@@ -60,9 +65,10 @@ class Checkpoint:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: checkpoint folder not found")
-        self._files, self.weight_map = shard_files(self.folder)
+        self._files, self.weight_map, self.index_name = shard_files(self.folder)
         self._handles: dict[Path, object] = {}
-        self.file_of = tensor_locations(((path, self._open(path).keys()) for path in self._files), self.weight_map)
+        self.file_of = tensor_locations(((path, self._open(path).keys()) for path in self._files), self.weight_map,
+                                        self.index_name)
 
     def _open(self, path: Path):
         if path not in self._handles:

@@ -23,6 +23,7 @@ COMMANDS = (
     "moerun.runtime.commands.smoke:smoke",
     "moerun.runtime.commands.parity:parity",
     "moerun.runtime.commands.fingerprint:fingerprint",
+    "moerun.runtime.commands.quantize:quantize",
     "moerun.runtime.bench:bench",
 )
 

@@ -35,7 +35,8 @@ from moerun.runtime.tokenizer import read_chat_template
 FORMAT = "moerun-fingerprint/1"
 # Files that change what a deployment computes or how it frames a prompt, hashed when present.
 FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-         "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+         "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+         "quant_model_description.json")  # the last: which tensors an msModelSlim W8A8 export quantized
 CHUNK = 4 << 20  # bytes per read: large enough for full disk speed, small enough to hold one per thread
 _MAX_HEADER = 100 << 20  # safetensors' own limit on a header
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
@@ -218,9 +219,9 @@ def fingerprint(folder: str | Path, threads: int = 0,
         raise CheckpointError(f"{folder}: no config.json (a Hugging Face checkpoint folder holds config.json and "
                               f"*.safetensors)")
     template, template_source = read_chat_template(folder)
-    shards, weight_map = shard_files(folder)
+    shards, weight_map, index_name = shard_files(folder)
     spans = {path: read_header(path) for path in shards}
-    tensor_locations(((path, [s.name for s in ss]) for path, ss in spans.items()), weight_map)
+    tensor_locations(((path, [s.name for s in ss]) for path, ss in spans.items()), weight_map, index_name)
     hashes = _hash_shards(spans, threads or min(len(shards), os.cpu_count() or 1), progress)
     tensors = {s.name: TensorEntry(s.dtype, s.shape, hashes[s.name]) for ss in spans.values() for s in ss}
     return Fingerprint(tensors, files, template and hashlib.sha256(template.encode()).hexdigest(),

@@ -32,6 +32,23 @@ def hf_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def w8a8_checkpoint(hf_checkpoint, tmp_path_factory):
+    """w8a8_checkpoint(shape_name, dtype, seed=0) -> (W8A8 folder from `moerun quantize --w8a8`, float folder)."""
+    from w8a8_checkpoints import quantize
+
+    made = {}
+
+    def make(shape: str, dtype, seed: int = 0):
+        key = (shape, dtype, seed)
+        if key not in made:
+            folder, _ = hf_checkpoint(shape, dtype, seed)
+            made[key] = (quantize(folder, tmp_path_factory.mktemp("w8a8") / "out"), folder)
+        return made[key]
+
+    return make
+
+
 @pytest.fixture
 def write_yaml(tmp_path):
     """write_yaml(dict, name="run.yaml") -> path of a YAML file in this test's tmp folder."""

@@ -8,7 +8,7 @@
   npu_moe_token_unpermute   back to token order, weighted sum over each token's k experts
 
 Not npu_moe_finalize_routing: vllm-ascend documents that it "will lead to accuracy issues" and combines with
-npu_moe_token_unpermute instead (docs/ascend.md).
+npu_moe_token_unpermute instead (docs/ascend.md). The W8A8 experts (w8a8.py) share dispatch and combine.
 """
 
 from __future__ import annotations
@@ -59,17 +59,37 @@ def route(ops: ModuleType, router_logits: torch.Tensor, bias: torch.Tensor,
 def experts(ops: ModuleType, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
             w: AscendExperts) -> torch.Tensor:
     """sum_j weights[t, j] * SwiGLU_expert(ids[t, j])(x[t]) -> [T, H] in x's dtype."""
-    num_tokens, top_k = ids.shape
-    num_experts = w.w13.shape[0]
-    permuted, row_of_pair, counts, _ = ops.npu_moe_init_routing_v2(
-        x.contiguous(), ids.to(torch.int32).contiguous(), active_num=num_tokens * top_k, expert_num=num_experts,
-        expert_tokens_num_type=COUNT, expert_tokens_num_flag=True, active_expert_range=[0, num_experts],
-        quant_mode=-1, row_idx_type=GATHER_INDEX)
-    counts = counts.to(torch.int64)
-    gate_up = ops.npu_grouped_matmul([permuted], [w.w13], group_list=counts, split_item=SINGLE_OUTPUT,
+    routed = dispatch(ops, x, ids, w.w13.shape[0])
+    gate_up = ops.npu_grouped_matmul([routed.rows], [w.w13], group_list=routed.counts, split_item=SINGLE_OUTPUT,
                                      group_type=GROUP_ALONG_M, group_list_type=COUNT)[0]
     hidden = ops.npu_swiglu(gate_up, dim=-1)
-    down = ops.npu_grouped_matmul([hidden], [w.w2], group_list=counts, split_item=SINGLE_OUTPUT,
+    down = ops.npu_grouped_matmul([hidden], [w.w2], group_list=routed.counts, split_item=SINGLE_OUTPUT,
                                   group_type=GROUP_ALONG_M, group_list_type=COUNT)[0]
-    # probs in the tokens' dtype: the one combination the kernel documents for certain (fp32 tokens keep fp32 weights)
-    return ops.npu_moe_token_unpermute(down, row_of_pair, probs=weights.to(down.dtype))
+    return combine(ops, down, routed, weights)
+
+
+@dataclasses.dataclass
+class Routed:
+    """Token-expert pairs sorted by expert, as npu_moe_init_routing_v2 returns them."""
+
+    rows: torch.Tensor  # [T*K, H]: the token of each pair, grouped by expert
+    row_of_pair: torch.Tensor  # int32 [T*K]: row of pair (t, j) at t*K + j
+    counts: torch.Tensor  # int64 [E]: rows per expert (group_list_type COUNT)
+    row_scale: torch.Tensor  # fp32 [T*K]: the per-token scale handed in, carried to each row (else undefined)
+
+
+def dispatch(ops: ModuleType, x: torch.Tensor, ids: torch.Tensor, num_experts: int,
+             token_scale: torch.Tensor | None = None) -> Routed:
+    """Sort the T*K pairs by expert. x may be int8 with its per-token scale, which each row then carries."""
+    num_tokens, top_k = ids.shape
+    rows, row_of_pair, counts, row_scale = ops.npu_moe_init_routing_v2(
+        x.contiguous(), ids.to(torch.int32).contiguous(), scale=token_scale, active_num=num_tokens * top_k,
+        expert_num=num_experts, expert_tokens_num_type=COUNT, expert_tokens_num_flag=True,
+        active_expert_range=[0, num_experts], quant_mode=-1, row_idx_type=GATHER_INDEX)
+    return Routed(rows, row_of_pair, counts.to(torch.int64), row_scale)
+
+
+def combine(ops: ModuleType, down: torch.Tensor, routed: Routed, weights: torch.Tensor) -> torch.Tensor:
+    """Back to token order, weighted over each token's k experts. Probs in the tokens' dtype: the one combination
+    the kernel documents for certain (fp32 tokens keep fp32 weights)."""
+    return ops.npu_moe_token_unpermute(down, routed.row_of_pair, probs=weights.to(down.dtype))

@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
-from moerun.backends.base import AttentionMetadata, Backend, Capabilities
-from moerun.backends.cpu import ops
+from moerun.backends.base import (
+    AttentionMetadata, Backend, Capabilities, LinearWeight, W8A8ExpertWeights, W8A8LinearWeight)
+from moerun.backends.cpu import ops, w8a8
 from moerun.backends.errors import ConfigError
 
 # cpu.weights: what the loader keeps of a float weight the checkpoint stores narrower than model.dtype.
@@ -20,6 +21,7 @@ class CpuBackend(Backend):
         dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
         kv_block_sizes=(16, 32, 64, 128, 256),
         fp8_weights=False,
+        w8a8=True,  # the reference W8A8 arithmetic of w8a8.py, so `backend: cpu` runs W8A8 checkpoints
     )
     # threads 0: torch's default. weights "model": float weights converted to model.dtype at load; "checkpoint":
     # a weight stored narrower than model.dtype (bf16 under a float32 run) stays as stored and is widened per op,
@@ -47,6 +49,12 @@ class CpuBackend(Backend):
         keep = self.options.get("weights") == "checkpoint" and stored.is_floating_point and stored.itemsize < self.dtype.itemsize
         return stored if keep else self.dtype
 
+    def prepare_linear(self, w: LinearWeight | W8A8LinearWeight):
+        return w if isinstance(w, W8A8LinearWeight) else w.weight
+
+    def prepare_experts(self, w):
+        return w  # built on the host, which is this backend's device
+
     def allocate_kv_cache(self, num_blocks, block_size, num_kv_heads, head_dim, dtype):
         return ops.allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
 
@@ -54,7 +62,7 @@ class CpuBackend(Backend):
         ops.write_kv(kv_cache, k, v, meta.slot_mapping)
 
     def linear(self, x, w):
-        return ops.linear(x, w)
+        return w8a8.linear(x, w) if isinstance(w, W8A8LinearWeight) else ops.linear(x, w)
 
     def rms_norm(self, x, weight, eps):
         return ops.rms_norm(x, weight, eps)
@@ -72,4 +80,6 @@ class CpuBackend(Backend):
         return ops.route(router_logits, bias, top_k)
 
     def experts(self, x, weights, ids, experts):
+        if isinstance(experts, W8A8ExpertWeights):
+            return w8a8.experts(x, weights, ids, experts)
         return ops.experts(x, weights, ids, experts.w13, experts.w2)

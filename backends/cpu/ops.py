@@ -8,6 +8,8 @@ directly as their oracle, so they take plain tensors (no backend state) and work
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -109,14 +111,28 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[
 
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
             w2: torch.Tensor) -> torch.Tensor:
-    """Routed SwiGLU experts. Token-expert pairs are sorted by expert once; each expert that got tokens runs one
-    matmul over its group (no loop over all experts per token). The weighted combine accumulates in fp32."""
-    num_tokens, top_k = ids.shape
+    """Routed SwiGLU experts, each expert one matmul over its group of tokens."""
     inter = w2.shape[-1]
+
+    def expert_out(expert: int, tokens: torch.Tensor) -> torch.Tensor:
+        # .to: a no-op, unless the stack is held narrower than x (cpu `weights: checkpoint`)
+        gate_up = F.linear(x[tokens], w13[expert].to(x.dtype))
+        return F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2[expert].to(x.dtype))
+
+    return routed_sum(x, weights, ids, w13.shape[0], expert_out)
+
+
+def routed_sum(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+               expert_out: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_out(ids[t, j], ...)[t] -> [T, H] in x's dtype. Token-expert pairs are sorted by
+    expert once; expert_out(e, tokens) runs expert e on all its tokens at once (no loop over all experts per
+    token) and returns their outputs in x's dtype. The weighted combine accumulates in fp32 (float64 for a
+    float64 x), rounded once."""
+    num_tokens, top_k = ids.shape
     flat_ids = ids.reshape(-1).long()
     order = torch.argsort(flat_ids, stable=True)
     token_of_pair = order // top_k  # which token each sorted pair belongs to
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
     acc = wide(x.dtype)
     out = torch.zeros(num_tokens, x.shape[-1], dtype=acc, device=x.device)
     start = 0
@@ -126,10 +142,7 @@ def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torc
         pairs = order[start:start + count]
         tokens = token_of_pair[start:start + count]
         start += count
-        # .to: a no-op, unless the stack is held narrower than x (cpu `weights: checkpoint`)
-        gate_up = F.linear(x[tokens], w13[expert].to(x.dtype))
-        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = F.linear(hidden, w2[expert].to(x.dtype))
+        y = expert_out(expert, tokens)
         out.index_add_(0, tokens, y.to(acc) * weights.reshape(-1)[pairs, None].to(acc))
     return out.to(x.dtype)
 
