@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import itertools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -96,7 +97,7 @@ class W8A8ExpertWeights:
 
 @dataclasses.dataclass
 class AttentionMetadata:
-    """One forward step over a packed batch of sequences (prefill, decode, or a mix).
+    """One forward step over a packed batch of sequences (prefill, decode, or a mix), built once per step.
 
     Query tokens of all sequences are packed along one axis T. Sequence b owns query rows
     query_start_loc[b]:query_start_loc[b+1]; these are its last q_len tokens, so its
@@ -110,18 +111,22 @@ class AttentionMetadata:
     query_lens_host: list[int]  # host copies, for kernels that take lengths as lists
     seq_lens_host: list[int]
     block_size: int
+    query_start_loc_host: list[int] | None = None  # [B+1]; derived from query_lens_host when not given
+    max_query_len: int = dataclasses.field(init=False)
+    max_seq_len: int = dataclasses.field(init=False)
+    # What a backend derives from this step's metadata once and reuses in every layer (e.g. the CPU backend's
+    # attention index plan). Not copied by dataclasses.replace: a changed step derives afresh.
+    derived: dict[str, Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.query_start_loc_host is None:
+            self.query_start_loc_host = [0, *itertools.accumulate(self.query_lens_host)]
+        self.max_query_len = max(self.query_lens_host, default=0)
+        self.max_seq_len = max(self.seq_lens_host, default=0)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
-
-    @property
-    def max_query_len(self) -> int:
-        return max(self.query_lens_host)
-
-    @property
-    def max_seq_len(self) -> int:
-        return max(self.seq_lens_host)
 
     @property
     def is_decode(self) -> bool:

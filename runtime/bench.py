@@ -39,13 +39,13 @@ import torch
 
 from moerun.backends.base import Backend, ExpertWeights, LinearWeight, ModelSpec, get_backend_class
 from moerun.backends.cpu.ops import dequantize_fp8_block
-from moerun.runtime.batch import Sequence, build_step
 from moerun.runtime.commands.bench_serve import serve
 from moerun.backends.errors import MoerunError
-from moerun.runtime.kv_cache import PagedKVCache
+from moerun.runtime.kv_cache import allocate_kv_caches
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.run_config import RunConfig, load_run_config
+from moerun.runtime.step_builder import StepBuilder, StepSequence
 from moerun.runtime.table import format_table
 from moerun.runtime.weights import LayerWeights, ModelWeights
 
@@ -269,10 +269,12 @@ class Bench:
         self.max_seq = plan.context + 1
         decode_blocks = max(plan.batches) * -(-self.max_seq // self.block_size)
         prefill_blocks = -(-plan.prefill_tokens // self.block_size)
-        self.cache = PagedKVCache(backend, plan.layers, max(decode_blocks, prefill_blocks), self.block_size,
-                                  cfg.num_kv_heads, cfg.head_dim)
-        self.decode_forward = backend.decode_runner(self.model.forward, max(plan.batches),
-                                                    -(-self.max_seq // self.block_size))
+        self.blocks_per_seq = -(-self.max_seq // self.block_size)
+        self.cache_layers = allocate_kv_caches(backend, plan.layers, max(decode_blocks, prefill_blocks), self.block_size,
+                                               cfg.num_kv_heads, cfg.head_dim)
+        self.builder = StepBuilder(backend.device, self.block_size, max(max(plan.batches), plan.prefill_tokens),
+                                   max(plan.batches), max(self.blocks_per_seq, prefill_blocks))
+        self.decode_forward = backend.decode_runner(self.model.forward, max(plan.batches), self.blocks_per_seq)
 
     def _tokens(self, n: int) -> list[int]:
         return torch.randint(0, self.cfg.vocab_size, (n,), generator=self.gen).tolist()
@@ -280,23 +282,21 @@ class Bench:
     @torch.inference_mode()
     def decode(self, batch: int) -> dict[str, Any]:
         plan, backend, model = self.plan, self.backend, self.model
-        seqs = [Sequence(self._tokens(self.max_seq), num_cached=plan.context) for _ in range(batch)]
-        try:
-            inputs = build_step(seqs, self.cache, backend.device)  # one new token per sequence at position C
+        # one new token per sequence at position C; sequence i owns blocks i*n .. (i+1)*n - 1
+        n = self.blocks_per_seq
+        seqs = [StepSequence(self._tokens(1), plan.context, range(i * n, (i + 1) * n)) for i in range(batch)]
+        inputs = self.builder.build(seqs, list(range(batch)))
 
-            def step(forward=self.decode_forward):
-                hidden = forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache.layers)
-                return model.compute_logits(hidden[inputs.last_token_rows])
+        def step(forward=self.decode_forward):
+            hidden = forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache_layers)
+            return model.compute_logits(hidden[inputs.logits_rows])
 
-            distinct = count_routed_experts(backend, lambda: step(model.forward))
-            counted = distinct is not None
-            if not counted:
-                expected = self.cfg.num_experts * (1 - (1 - self.cfg.top_k / self.cfg.num_experts) ** batch)
-                distinct = [round(expected)] * self.cfg.num_layers
-            seconds = time_runs(step, backend, plan.warmup, plan.steps)
-        finally:
-            for seq in seqs:
-                self.cache.release(seq.block_table)
+        distinct = count_routed_experts(backend, lambda: step(model.forward))
+        counted = distinct is not None
+        if not counted:
+            expected = self.cfg.num_experts * (1 - (1 - self.cfg.top_k / self.cfg.num_experts) ** batch)
+            distinct = [round(expected)] * self.cfg.num_layers
+        seconds = time_runs(step, backend, plan.warmup, plan.steps)
         kv_elem = torch.empty((), dtype=backend.dtype).element_size()
         read = decode_bytes(model, distinct, [self.max_seq] * batch, kv_elem)
         return {"batch": batch, "context": plan.context, "step_ms": seconds * 1e3, "tokens_per_s": batch / seconds,
@@ -306,17 +306,15 @@ class Bench:
     @torch.inference_mode()
     def prefill(self) -> dict[str, Any]:
         plan, backend, model = self.plan, self.backend, self.model
-        seq = Sequence(self._tokens(plan.prefill_tokens))
-        try:
-            inputs = build_step([seq], self.cache, backend.device)
+        tokens = plan.prefill_tokens
+        inputs = self.builder.build([StepSequence(self._tokens(tokens), 0, range(-(-tokens // self.block_size)))],
+                                    [tokens - 1])
 
-            def step():
-                hidden = model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache.layers)
-                return model.compute_logits(hidden[inputs.last_token_rows])
+        def step():
+            hidden = model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache_layers)
+            return model.compute_logits(hidden[inputs.logits_rows])
 
-            seconds = time_runs(step, backend, max(1, plan.warmup // 2), max(2, plan.steps // 4))
-        finally:
-            self.cache.release(seq.block_table)
+        seconds = time_runs(step, backend, max(1, plan.warmup // 2), max(2, plan.steps // 4))
         flops = prefill_flops(self.cfg, plan.prefill_tokens)
         return {"tokens": plan.prefill_tokens, "ms": seconds * 1e3, "tokens_per_s": plan.prefill_tokens / seconds,
                 "flops": flops, "flops_per_s": flops / seconds, "mfu": flops / seconds / self.matmul}

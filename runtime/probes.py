@@ -9,7 +9,7 @@ import importlib.metadata
 import torch
 
 from moerun.runtime.probe_set import PROBE_SET_VERSION, PROBES
-from moerun.runtime.sampling import SamplingParams
+from moerun.runtime.sampling_params import SamplingParams
 
 PROBE_TOKENS = 16  # greedy tokens per probe
 TOP_LOGPROBS = 20  # what OpenAI-compatible servers return at most (top_logprobs <= 20)
@@ -18,8 +18,10 @@ TOP_LOGPROBS = 20  # what OpenAI-compatible servers return at most (top_logprobs
 def run_probe(engine, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """The only engine calls of probing, kept together: the greedy continuation (stop tokens excluded), then the
     teacher-forced logits [T, V] of prompt + continuation."""
-    [continuation] = engine.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
-                                     stop_ids=engine.tokenizer.eos_token_ids)
+    [output] = engine.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=max_new_tokens, seed=0))
+    continuation = list(output.output_token_ids)
+    if isinstance(output.stop_reason, int):
+        continuation.pop()  # the stop token itself
     return continuation, engine.logits(prompt_ids + continuation)
 
 

@@ -8,6 +8,11 @@
     kv_cache:
       block_size: null           # null: the backend's default
       num_blocks: 512
+    scheduler:
+      max_num_seqs: 256          # requests in flight at once
+      max_num_batched_tokens: 2048   # tokens per forward step (decodes + prefill chunks)
+      max_model_len: null        # null: the checkpoint's max_position_embeddings
+      enable_prefix_caching: true
     cpu: {threads: 0}            # each backend's own section, validated by that backend
 
 Every unknown key, wrong type or value raises ConfigError naming the key path and what is allowed.
@@ -27,9 +32,19 @@ from moerun.backends.errors import ConfigError
 
 BUILTIN_DEMO = "builtin:demo"
 
-_TOP_KEYS = {"backend", "model", "kv_cache"}
+_TOP_KEYS = {"backend", "model", "kv_cache", "scheduler"}
 _MODEL_KEYS = {"path": str, "dtype": str, "num_layers": int}
 _KV_KEYS = {"block_size": int, "num_blocks": int}
+_SCHEDULER_KEYS = {"max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int,
+                   "enable_prefix_caching": bool}
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    enable_prefix_caching: bool = True
 
 
 @dataclasses.dataclass
@@ -42,6 +57,7 @@ class RunConfig:
     kv_num_blocks: int
     backend_options: dict[str, Any]  # the chosen backend's section, validated, defaults filled
     source: str  # where the config came from, for messages
+    scheduler: SchedulerConfig = SchedulerConfig()
 
     @property
     def dtype_name(self) -> str:
@@ -98,6 +114,12 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
     if num_blocks <= 0:
         raise ConfigError(f"{source}: kv_cache.num_blocks: must be a positive int, got {num_blocks}")
 
+    scheduler = SchedulerConfig(**_section(raw, "scheduler", _SCHEDULER_KEYS, source, required=False))
+    for key in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        value = getattr(scheduler, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{source}: scheduler.{key}: must be a positive int, got {value}")
+
     dtype = DTYPES[dtype_name]
     if dtype not in backend_cls.capabilities.dtypes:
         allowed = ", ".join(k for k, v in DTYPES.items() if v in backend_cls.capabilities.dtypes)
@@ -115,7 +137,8 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
         options = backend_cls.validate_options({}, f"{source}: {backend}")
 
     return RunConfig(backend=backend, model_path=model_path, dtype=dtype, num_layers=num_layers,
-                     kv_block_size=block_size, kv_num_blocks=num_blocks, backend_options=options, source=source)
+                     kv_block_size=block_size, kv_num_blocks=num_blocks, backend_options=options, source=source,
+                     scheduler=scheduler)
 
 
 def _mapping(value: Any, key: str, source: str) -> dict:
@@ -134,6 +157,6 @@ def _section(raw: dict, key: str, schema: dict[str, type], source: str, required
         if k not in schema:
             raise ConfigError(f"{source}: {key}.{k}: unknown key (allowed: {', '.join(schema)})")
         kind = schema[k]
-        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+        if v is not None and (not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool)):
             raise ConfigError(f"{source}: {key}.{k}: expected {kind.__name__}, got {v!r}")
     return {k: v for k, v in section.items() if v is not None}

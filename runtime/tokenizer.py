@@ -47,9 +47,9 @@ class Tokenizer:
         except Exception as e:  # the Rust loader raises a bare Exception for bad JSON or an unknown layout
             raise CheckpointError(f"{tok_path}: not a valid tokenizer.json ({_first_line(e)})") from None
 
-        tok_config = _read_json(folder / "tokenizer_config.json")
-        gen_config = _read_json(folder / "generation_config.json")
-        model_config = _read_json(folder / "config.json")
+        tok_config = read_optional_json(folder / "tokenizer_config.json")
+        gen_config = read_optional_json(folder / "generation_config.json")
+        model_config = read_optional_json(folder / "config.json")
         eos = _eos_ids(backend, gen_config, model_config)
         template, source = _find_template(folder, tok_config)
         return cls(folder, backend, tok_config, eos, template, source)
@@ -142,7 +142,7 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_optional_json(path: Path) -> dict[str, Any]:
     """An optional JSON file of the checkpoint: {} when absent, CheckpointError when present but unreadable."""
     if not path.is_file():
         return {}
@@ -178,7 +178,7 @@ def _eos_ids(backend: tokenizers.Tokenizer, gen_config: dict, model_config: dict
 
 def read_chat_template(folder: Path) -> tuple[str | None, str | None]:
     """(template text, where it was found) of a checkpoint folder, or (None, None) when it has none."""
-    return _find_template(folder, _read_json(folder / "tokenizer_config.json"))
+    return _find_template(folder, read_optional_json(folder / "tokenizer_config.json"))
 
 
 def _find_template(folder: Path, tok_config: dict[str, Any]) -> tuple[str | None, str | None]:

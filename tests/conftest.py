@@ -67,3 +67,25 @@ def run_yaml(path, backend: str = "cpu", dtype: str = "float32", block_size: int
         data["kv_cache"]["block_size"] = block_size
     data.update(sections)
     return data
+
+
+@pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory):
+    """The demo checkpoint (tokenizer, chat template, generation_config.json), built once per session."""
+    from moerun.runtime import demo
+
+    folder = tmp_path_factory.mktemp("demo_checkpoint")
+    demo.write_demo_checkpoint(folder)
+    return folder
+
+
+def make_request(params=None, prompt=(1, 2, 3), output=(), seed=0, stop=(), request_id="r", max_tokens=10_000):
+    """A Request as the engine builds it (every sampling default filled), for unit tests of its parts."""
+    from moerun.runtime.request import Request
+    from moerun.runtime.sampling_params import GenerationDefaults, SamplingParams
+
+    params = (params or SamplingParams()).with_defaults(GenerationDefaults())
+    request = Request(request_id=request_id, prompt_token_ids=list(prompt), params=params, max_tokens=max_tokens,
+                      stop_token_ids=frozenset(stop), seed=seed, arrival_time=0.0, detokenizer=None)
+    request.token_ids.extend(output)
+    return request

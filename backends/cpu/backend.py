@@ -71,10 +71,11 @@ class CpuBackend(Backend):
         return ops.rotary(q, k, cos, sin)
 
     def attention(self, q, kv_cache, meta: AttentionMetadata, scale):
-        starts = [0]
-        for n in meta.query_lens_host:
-            starts.append(starts[-1] + n)
-        return ops.attention(q, kv_cache, starts, meta.seq_lens_host, meta.block_tables, scale)
+        plan = meta.derived.get("cpu_attention_plan")
+        if plan is None:
+            plan = meta.derived["cpu_attention_plan"] = ops.attention_plan(
+                meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables, kv_cache, q.dtype)
+        return ops.attention(q, kv_cache, meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables, scale, plan)
 
     def route(self, router_logits, bias, top_k):
         return ops.route(router_logits, bias, top_k)

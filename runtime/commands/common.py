@@ -16,7 +16,7 @@ import click
 import numpy as np
 
 from moerun.backends.errors import MoerunError
-from moerun.runtime.run_config import load_run_config
+from moerun.runtime.run_config import RunConfig, load_run_config
 from moerun.runtime.table import format_table
 
 
@@ -25,19 +25,18 @@ def demo_config_path() -> Path:
 
 
 def load_engine(config, num_layers: int | None = None, label: str = "loading"):
-    """Build the engine for a YAML file (the embedded demo when None) or an already checked EnginePlan, with a
-    progress bar over layers."""
-    from moerun.runtime.engine import Engine, EnginePlan
+    """Build the engine for a YAML file (the embedded demo when None) or a RunConfig, with a progress bar over
+    layers."""
+    from moerun.runtime.engine import Engine
 
-    run = config if isinstance(config, EnginePlan) else load_run_config(config or demo_config_path())
-    backend = (run.run if isinstance(run, EnginePlan) else run).backend
+    run = config if isinstance(config, RunConfig) else load_run_config(config or demo_config_path())
     with contextlib.ExitStack() as stack:
         bar = None
 
         def progress(done: int, total: int) -> None:
             nonlocal bar
             if bar is None:
-                bar = stack.enter_context(click.progressbar(length=total, label=f"{label} {backend}", file=sys.stderr))
+                bar = stack.enter_context(click.progressbar(length=total, label=f"{label} {run.backend}", file=sys.stderr))
             bar.update(1)
 
         return Engine(run, num_layers=num_layers, progress=progress)

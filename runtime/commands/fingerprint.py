@@ -47,13 +47,13 @@ def fingerprint(checkpoint, manifest, check, out, probes_config, probe_tokens, t
         raise MoerunError("give --out MANIFEST to write a manifest, or --check CHECKPOINT MANIFEST to check one")
     out_path = Path(out)
     check_output_path(out_path)
-    plan = _probe_plan(probes_config, folder) if probes_config else None
+    probe_run = _probe_run(probes_config, folder) if probes_config else None
 
     fp = _hash(folder, threads)
     data = fp.to_json()
     head = {"format": data.pop("format"), "digest": data.pop("digest"), "checkpoint": str(folder.resolve())}
-    if plan is not None:
-        engine = load_engine(plan, label="loading probes config")
+    if probe_run is not None:
+        engine = load_engine(probe_run, label="loading probes config")
         from moerun.runtime.probes import record_probes
 
         data["probes"] = record_probes(engine, probes_config, probe_tokens)
@@ -62,7 +62,7 @@ def fingerprint(checkpoint, manifest, check, out, probes_config, probe_tokens, t
     data["tensors"] = data.pop("tensors")  # last: the long part
     write_atomically(out_path, lambda f: f.write(format_manifest(data).encode()))
     size = sum(t.nbytes for t in fp.tensors.values())
-    probes = f", {len(data['probes']['cases'])} probes" if plan is not None else ""
+    probes = f", {len(data['probes']['cases'])} probes" if probe_run is not None else ""
     click.echo(f"{len(fp.tensors)} tensors ({size / 1e9:.3g} GB), {len(fp.files)} files, chat template "
                f"{fp.chat_template_source or 'none'}{probes}\ndigest {fp.digest}\nwrote {out_path}")
 
@@ -95,16 +95,16 @@ def _check(folder: Path, manifest: Path, threads: int) -> None:
                f"({actual.digest})")
 
 
-def _probe_plan(probes_config: str, folder: Path):
+def _probe_run(probes_config: str, folder: Path):
     """The trusted configuration, checked (YAML, checkpoint, backend) before any hashing; it must run this very
     checkpoint."""
-    from moerun.runtime.engine import plan_engine
+    from moerun.runtime.preflight import check_configuration
     from moerun.runtime.run_config import load_run_config
 
-    plan = plan_engine(load_run_config(probes_config))
-    if not os.path.samefile(plan.folder, folder):
-        raise MoerunError(f"--probes-config: {probes_config} runs {plan.folder}, not the fingerprinted {folder}")
-    return plan
+    checked = check_configuration(load_run_config(probes_config))
+    if not os.path.samefile(checked.folder, folder):
+        raise MoerunError(f"--probes-config: {probes_config} runs {checked.folder}, not the fingerprinted {folder}")
+    return checked.run
 
 
 def format_manifest(data: dict) -> str:

@@ -50,7 +50,7 @@ def parity(configs, token_ids, prompts, k, epsilon, top1_margin, hp_dtype, max_a
     By default the candidate is judged against the noise floor: a high-precision run HP of the reference's
     checkpoint (cpu backend, float32 or float64) measures how far the reference itself is from exact arithmetic,
     and the candidate passes when it is about as close to HP (docs/fidelity.md)."""
-    from moerun.runtime.engine import check_token_ids, plan_engine
+    from moerun.runtime.preflight import check_configuration
     from moerun.runtime.run_config import load_run_config
 
     if len(configs) != 2:
@@ -69,21 +69,20 @@ def parity(configs, token_ids, prompts, k, epsilon, top1_margin, hp_dtype, max_a
     runs = [load_run_config(c) for c in configs]
     if not fixed:
         runs.insert(0, high_precision_run(runs[0], hp_dtype))
-    plans = [plan_engine(run) for run in runs]
-    vocab = {plan.config.vocab_size for plan in plans}
+    checked = [check_configuration(run) for run in runs]
+    vocab = {c.config.vocab_size for c in checked}
     if len(vocab) > 1:
-        raise MoerunError(f"the configs have different vocabularies ({', '.join(str(p.config.vocab_size) for p in plans)})")
-    reference = plans[0 if fixed else 1]
-    sequences = _sequences(token_ids, prompts, reference.folder)
+        raise MoerunError(f"the configs have different vocabularies ({', '.join(str(c.config.vocab_size) for c in checked)})")
+    sequences = _sequences(token_ids, prompts, checked[0 if fixed else 1].folder)
     for s in sequences:
-        check_token_ids(s, reference.config.vocab_size)
+        for c in checked:
+            c.check_prompt(s)
 
-    del reference
     labels = (["loading high-precision"] if not fixed else []) + ["loading reference", "loading candidate"]
     outputs = []
-    while plans:  # pop each plan as it runs, so nothing keeps its backend once its engine is gone
-        outputs.append(_run(plans.pop(0), sequences, per_layer, labels[len(outputs)]))
-        gc.collect()
+    for run, label in zip(runs, labels):
+        outputs.append(_run(run, sequences, per_layer, label))
+        gc.collect()  # the engine is gone before the next one loads
     if fixed:
         _report_fixed(configs, outputs, Thresholds(**given), per_layer)
     else:
@@ -140,11 +139,11 @@ class RunOutput:
     route: object  # (stage name, router logits) -> expert ids, with this run's correction biases
 
 
-def _run(plan, sequences, per_layer: bool, label: str) -> RunOutput:
+def _run(run, sequences, per_layer: bool, label: str) -> RunOutput:
     """Load one configuration, run every sequence through it, and let the engine go before returning."""
     import torch
 
-    engine = load_engine(plan, label=label)
+    engine = load_engine(run, label=label)
     recorder = StageRecorder() if per_layer else None
     logits = torch.cat([engine.logits(s, recorder) for s in sequences])
     return RunOutput(logits, recorder.tensors() if recorder else None, stage_router(engine))

@@ -13,7 +13,7 @@ from test_npu_ops_vs_emulation import both
 from w8a8_cases import EXPERT_CASES, LINEAR_CASES, expert_case, linear_case
 from w8a8_checkpoints import W8A8Loader
 
-import moerun.runtime.engine as engine_module
+import moerun.runtime.model_runner as model_runner
 from moerun.backends.ascend.backend import AscendBackend
 from moerun.backends.cpu import w8a8 as ref
 from moerun.runtime.engine import Engine
@@ -66,7 +66,7 @@ def test_int8_ops_agree_with_their_emulation():
 
 
 def test_quantized_checkpoint_on_npu_matches_the_cpu_w8a8_reference(w8a8_checkpoint, write_yaml, monkeypatch):
-    monkeypatch.setattr(engine_module, "WeightLoader", W8A8Loader)
+    monkeypatch.setattr(model_runner, "WeightLoader", W8A8Loader)
     folder, _ = w8a8_checkpoint("m2_like", BF16, seed=3)
     cpu = Engine.from_config(write_yaml(run_yaml(folder, dtype="bfloat16"), "cpu.yaml")).logits(TOKENS)
     npu = Engine.from_config(write_yaml(run_yaml(folder, backend="ascend", dtype="bfloat16", block_size=128,
