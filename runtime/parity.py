@@ -32,12 +32,12 @@ class Calibration:
     The median over positions, not the mean: a faithful 16-bit run's distance to HP is rounding noise at every
     position plus a few discrete events (a router choice flipped by rounding moves that token's distribution a
     lot), and whether the reference or the candidate happens to flip a knife-edge choice makes a faithful candidate's
-    mean KL up to 69x the reference's on small models, while the medians agree within 3x; quantization moves every
+    mean KL up to 45x the reference's on small models, while the medians agree within 2.5x; quantization moves every
     position (docs/fidelity.md has the measurements). The flips still count, through top-1 agreement.
 
     k = 4: KL is quadratic in a small logit perturbation, so 4x the reference's KL is twice its error amplitude:
-    room for another, equally exact order of rounding (faithful candidates measure 0.4-1.0x), at the level 8-bit
-    weights add (3-23x) and far below 4-bit (670x and more). epsilon = 1e-6 nats: a floor under the floor, for
+    room for another, equally exact order of rounding (faithful candidates measure 0.4-0.9x), at the level 8-bit
+    weights add (3-7x) and far below 4-bit (720x and more). epsilon = 1e-6 nats: a floor under the floor, for
     float32 references, whose KL to a float64 run is ~1e-13; 25x below two faithful 16-bit implementations (2.5e-5).
     margin None: two standard errors of the difference of two top-1 rates over N positions at the reference's rate
     (p = (agreeing + 1) / (N + 2), so a perfect reference still leaves room), plus one position:
