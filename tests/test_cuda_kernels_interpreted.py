@@ -238,12 +238,14 @@ else:
         assert frobenius_rel(out, dequantized) <= 0.06
 
     # ---- the whole backend (device: cpu under the interpreter) ------------------------------------------------------
+    # Marked whole_backend: the Triton 3.6 run (tests/test_triton_device_version.py) takes the kernel tests above only.
 
     TOKENS = [1, 17, 42, 5, 99, 3, 150, 7, 7, 7, 200, 64, 11, 0, 123, 45, 46, 47, 8, 2, 190, 33, 12]
 
     def cuda_yaml(folder, dtype="float32", **cuda_options):
         return run_yaml(folder, backend="cuda", dtype=dtype, cuda={"device": "cpu", **cuda_options})
 
+    @pytest.mark.whole_backend
     def test_model_float32_matches_transformers(hf_checkpoint, write_yaml):
         folder, model = hf_checkpoint("gqa4_half_rope", torch.float32)
         ours = Engine.from_config(write_yaml(cuda_yaml(folder))).logits(TOKENS)
@@ -251,6 +253,7 @@ else:
         assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
         assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
+    @pytest.mark.whole_backend
     def test_model_bfloat16_matches_transformers_and_cpu_backend(hf_checkpoint, write_yaml):
         """The bf16 band of tests/test_hf_parity.py against transformers; against the CPU backend on the same
         checkpoint the only differences are attention's bf16 P and fp32 sum orders."""
@@ -263,6 +266,7 @@ else:
         cpu = Engine.from_config(write_yaml(run_yaml(folder, dtype="bfloat16"), "cpu.yaml")).logits(TOKENS)
         assert (ours - cpu).abs().max() <= 0.05 * cpu.abs().max()
 
+    @pytest.mark.whole_backend
     def test_greedy_decode_matches_transformers_generate(hf_checkpoint, write_yaml):
         """Prefill then single-token decode steps (the split-KV kernel) over the paged cache."""
         from moerun.runtime.sampling_params import SamplingParams
@@ -279,6 +283,7 @@ else:
             assert out.output_token_ids == ref
         assert engine.stats().kv_blocks_used == 0
 
+    @pytest.mark.whole_backend
     def test_fp8_checkpoint_runs_fp8_and_matches_emulation(hf_checkpoint, write_yaml, tmp_path):
         folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)
         make_fp8_pair(folder, tmp_path / "fp8", tmp_path / "ref", (16, 16))
@@ -291,6 +296,7 @@ else:
         assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
         assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
+    @pytest.mark.whole_backend
     def test_fp8_off_dequantizes_at_load(hf_checkpoint, write_yaml, tmp_path):
         from transformers import MiniMaxM2ForCausalLM
 
@@ -304,6 +310,7 @@ else:
         assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+    @pytest.mark.whole_backend
     def test_graph_runner_static_inputs_match_eager_decode(hf_checkpoint, write_yaml):
         """What a captured decode graph computes, without the capture (which needs a GPU): this step copied into
         a larger bucket's buffers (padded rows: slot -1, length 0), the ops in graph mode (attention bounded by
