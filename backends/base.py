@@ -18,9 +18,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from moerun.backends.errors import ConfigError
+from moerun.backends.errors import ConfigError, key_name, shown
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64 is for high-precision reference runs (the CPU backend only; `moerun parity` measures noise floors with it).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,10 +163,10 @@ class Backend(abc.ABC):
         for key, value in options.items():
             if key not in cls.default_options:
                 allowed = ", ".join(sorted(cls.default_options)) or "none"
-                raise ConfigError(f"{key_path}.{key}: unknown key (allowed: {allowed})")
+                raise ConfigError(f"{key_path}.{key_name(key)}: unknown key (allowed: {allowed})")
             default = cls.default_options[key]
             if not _same_kind(value, default):
-                raise ConfigError(f"{key_path}.{key}: expected {type(default).__name__}, got {value!r}")
+                raise ConfigError(f"{key_path}.{key}: expected {type(default).__name__}, got {shown(value)}")
         return {**cls.default_options, **options}
 
     @property
@@ -208,10 +209,23 @@ class Backend(abc.ABC):
         return f"{self.name} backend on {self.device}"
 
     # ---- weights -----------------------------------------------------------------------------------------------
+    def weight_dtype(self, stored: torch.dtype) -> torch.dtype:
+        """The dtype the loader gives a float weight the checkpoint stores as `stored` (FP8 weights it dequantizes
+        go to the model dtype). The default converts everything to the model dtype at load."""
+        return self.dtype
+
     def prepare_linear(self, w: LinearWeight) -> Any:
         """Move a linear weight to the device in the layout `linear` expects (a W8A8LinearWeight too when
         capabilities.w8a8)."""
         return w.weight.to(self.device)
+
+    def empty_experts(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
+                      device: torch.device) -> ExpertWeights:
+        """Uninitialized stacks for one layer's experts, w13 [E, 2I, H] and w2 [E, H, I], which the loader fills
+        expert by expert and then hands to prepare_experts. A backend whose kernels want another memory layout
+        returns views of tensors in that layout, so that prepare_experts gets it without a second copy."""
+        return ExpertWeights(w13=torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype, device=device),
+                             w2=torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device))
 
     def prepare_experts(self, w: ExpertWeights) -> Any:
         """Move one layer's stacked experts (built on the host) to the device in the layout `experts` expects
@@ -316,6 +330,6 @@ def backend_names() -> list[str]:
 
 def get_backend_class(name: str) -> type[Backend]:
     if name not in _REGISTRY:
-        raise ConfigError(f"backend: unknown backend {name!r} (allowed: {', '.join(backend_names())})")
+        raise ConfigError(f"backend: unknown backend {shown(name)} (allowed: {', '.join(backend_names())})")
     module_name, class_name = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)

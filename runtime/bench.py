@@ -42,10 +42,12 @@ import torch
 
 from moerun.backends.base import Backend, ExpertWeights, LinearWeight, ModelSpec, get_backend_class
 from moerun.backends.cpu.ops import dequantize_fp8_block
+from moerun.runtime.commands.common import check_output_path, write_atomically
 from moerun.backends.errors import MoerunError
 from moerun.runtime.bench_transformers import VARIANTS, TransformersPeer
 from moerun.runtime.commands.bench_serve import serve
 from moerun.runtime.kv_cache import allocate_kv_caches
+from moerun.runtime.m2_tensors import LINEAR, NORM, ROUTER, layer_prefix, layer_tensors, model_tensors
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.run_config import RunConfig, load_run_config
@@ -142,33 +144,26 @@ class SyntheticWeights:
         return w
 
     def layer(self, i: int) -> LayerWeights:
-        cfg, p = self.cfg, f"model.layers.{i}"
-        h, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        layer = LayerWeights(
-            input_norm=self.norm(f"{p}.input_layernorm.weight", h),
-            q_proj=self.linear(f"{p}.self_attn.q_proj.weight", q_dim, h),
-            k_proj=self.linear(f"{p}.self_attn.k_proj.weight", kv_dim, h),
-            v_proj=self.linear(f"{p}.self_attn.v_proj.weight", kv_dim, h),
-            o_proj=self.linear(f"{p}.self_attn.o_proj.weight", h, q_dim),
-            q_norm=self.norm(f"{p}.self_attn.q_norm.weight", q_dim),
-            k_norm=self.norm(f"{p}.self_attn.k_norm.weight", kv_dim),
-            post_attention_norm=self.norm(f"{p}.post_attention_layernorm.weight", h),
-            router=self._normal((cfg.num_experts, h), h ** -0.5, torch.float32),
-            router_bias=self._normal((cfg.num_experts,), 0.01, torch.float32),
-            experts=self.experts(p))
-        self.hf[f"{p}.mlp.gate.weight"], self.hf[f"{p}.mlp.e_score_correction_bias"] = layer.router, layer.router_bias
-        return layer
+        fields = {}
+        for field, t in layer_tensors(self.cfg, i).items():
+            if t.kind == NORM:
+                fields[field] = self.norm(t.name, t.shape[0])
+            elif t.kind == LINEAR:
+                fields[field] = self.linear(t.name, *t.shape)
+            else:  # the fp32 router gate and its bias, kept under transformers' names (mlp.gate, ...)
+                std = self.cfg.hidden_size ** -0.5 if t.kind == ROUTER else 0.01
+                fields[field] = self.hf[t.name.replace("block_sparse_moe", "mlp")] = self._normal(t.shape, std, torch.float32)
+        return LayerWeights(**fields, experts=self.experts(layer_prefix(i)))
 
     def model(self, progress: Callable[[], None]) -> ModelWeights:
         layers = []
         for i in range(self.cfg.num_layers):
             layers.append(self.layer(i))
             progress()
-        embed = self._normal((self.cfg.vocab_size, self.cfg.hidden_size), 1.0)
-        self.hf["model.embed_tokens.weight"] = embed
-        lm_head = self._normal((self.cfg.vocab_size, self.cfg.hidden_size), self.cfg.hidden_size ** -0.5)
-        self.hf["lm_head.weight"] = lm_head
-        return ModelWeights(embed=embed, layers=layers, norm=self.norm("model.norm.weight", self.cfg.hidden_size),
+        outer = model_tensors(self.cfg)
+        embed = self.hf[outer["embed"].name] = self._normal(outer["embed"].shape, 1.0)
+        lm_head = self.hf[outer["lm_head"].name] = self._normal(outer["lm_head"].shape, self.cfg.hidden_size ** -0.5)
+        return ModelWeights(embed=embed, layers=layers, norm=self.norm(outer["norm"].name, self.cfg.hidden_size),
                             lm_head=self.backend.prepare_linear(LinearWeight(lm_head)))
 
 
@@ -556,7 +551,7 @@ def _variants(text: str) -> tuple[str, ...]:
               help="Also time transformers' MiniMaxM2ForCausalLM on the same weights and token ids, interleaved.")
 @click.option("--hf-variants", default=",".join(VARIANTS), show_default=True,
               help="transformers variants to time with --compare (the report names the fastest).")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
+@click.option("--out", default=None,
               help="JSON results file [bench_results/bench-<time>.json].")
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup, threads, fp8, compare, hf_variants,
@@ -568,19 +563,25 @@ def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup
         return  # a subcommand runs instead of the model benchmark
     config = config or str(resources.files("moerun.configs") / "demo.yaml")
     run = load_run_config(config)
+    if out:
+        out_path = check_output_path(out)
+    else:
+        out_path = Path("bench_results") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
     if compare and fp8:
         raise MoerunError("--compare transformers runs the float weights; drop --fp8")
     variants = _variants(hf_variants)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or previous_threads)  # pinned: every measurement runs on the same pool
     try:
-        _bench(run, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare, variants, out, seed)
+        _bench(run, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare, variants, out_path,
+               seed)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _bench(run: RunConfig, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare,
-           variants: tuple[str, ...], out, seed: int) -> None:
+           variants: tuple[str, ...], out_path: Path, seed: int) -> None:
     load_start = os.getloadavg()
     backend_cls = get_backend_class(run.backend)
     backend = backend_cls(run.backend_options, run.dtype)
@@ -633,10 +634,8 @@ def _bench(run: RunConfig, small, layers, batches, context, prefill_tokens, step
                                   "experts_implementation": peer.experts_implementation, "missing": peer.missing,
                                   "compile_seconds": peer.compile_seconds}
     click.echo(report(result))
-    path = Path(out) if out else Path("bench_results") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(f"\nwrote {path}")
+    write_atomically(out_path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    click.echo(f"\nwrote {out_path}")
 
 
 bench.add_command(serve)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from moerun.backends.base import DTYPES
 from moerun.backends.errors import ConfigError
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.shard_plan import ShardPlan, divisors
@@ -28,7 +29,7 @@ ACCELERATOR_WORKSPACE = 1 * GiB
 # Weight formats: how the linears that a checkpoint quantizes are held in memory.
 FP8 = "fp8"  # float8 e4m3 + one fp32 scale per block (executed as stored: CUDA on sm89+)
 W8A8 = "w8a8"  # int8 + one fp32 scale per output channel (msModelSlim W8A8_DYNAMIC on Ascend)
-FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FLOAT_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 @dataclasses.dataclass(frozen=True)

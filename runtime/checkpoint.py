@@ -1,60 +1,121 @@
 """Lazy, strict access to the tensors of an HF safetensors checkpoint folder.
 
-Only headers are read up front; tensors are read one at a time from the memory-mapped files, so a 230 GB
-checkpoint is never held in memory twice. Every problem names the tensor and the file.
+Only headers are read up front. Tensors are read on demand with plain reads into memory the caller owns (often
+the final weight itself), never mapped from the file: pages of a mapped file count toward the process's resident
+memory once touched, so a mapping would keep a loaded checkpoint's source bytes resident beside the weights made
+from them. Every problem names the tensor and the file.
+
+A checkpoint is downloaded data, so its files are checked before safetensors opens them: every shard the index
+names must stay inside the folder (no absolute paths, no `..`, no symlink leading out, except into a Hugging Face
+hub cache's blobs/), must be a regular file (a FIFO would block the open forever), and must declare a header that
+fits in the file and in MAX_HEADER_BYTES. safetensors itself then checks the header's JSON, dtypes, shapes and
+offsets (overlaps, gaps, out of range) and refuses the file with one message.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import stat
+import struct
+from collections.abc import Iterable
+from pathlib import Path, PurePath
 
 import torch
 from safetensors import safe_open
 
-from moerun.backends.errors import CheckpointError
+from moerun.backends.errors import CheckpointError, key_name, shown
+from moerun.runtime.files import MiB, file_kind, is_dir, read_json_object
+from moerun.runtime.shard_writer import SAFETENSORS_DTYPES
 from moerun.runtime.w8a8_format import INDEX_FILE as W8A8_INDEX_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}  # safetensors dtype -> torch dtype
 INDEX_FILES = (INDEX_FILE, W8A8_INDEX_FILE)  # msModelSlim's W8A8 exports name their index after their shards
+MAX_INDEX_BYTES = 64 * MiB  # the full M2 release's index is ~10 MB (96k tensors)
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit per file
+MAX_TOTAL_HEADER_BYTES = 1 << 30  # all shards' headers are parsed and kept while loading
+
+
+def shard_files(folder: Path) -> tuple[list[Path], dict[str, str] | None, str | None]:
+    """The safetensors files of a checkpoint folder, the index's tensor -> file map and the index's name when it has
+    an index (the index names the files; without one, every *.safetensors file in the folder). Each file is checked
+    as the module doc says before anything opens it."""
+    indexes = [folder / name for name in INDEX_FILES if os.path.lexists(folder / name)]
+    if len(indexes) > 1:
+        raise CheckpointError(f"{folder}: holds both {indexes[0].name} and {indexes[1].name}; keep one index")
+    weight_map: dict[str, str] | None = None
+    index_name = None
+    if indexes:
+        index = indexes[0]
+        index_name = index.name
+        weight_map = read_json_object(index, MAX_INDEX_BYTES, "safetensors index").get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+            raise CheckpointError(f"{index}: not a valid safetensors index ('weight_map' must map each tensor "
+                                  f"name to a shard file name, got {shown(weight_map)})")
+        files = sorted({_shard_path(folder, name, f"listed in {index.name}") for name in weight_map.values()})
+        for f in files:
+            if not os.path.lexists(f):
+                raise CheckpointError(f"{f}: listed in {index.name} but missing")
+    else:
+        files = sorted(_shard_path(folder, p.name, "found") for p in folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{folder}: no *.safetensors files")
+    header_bytes = 0
+    for path in files:
+        header_bytes += _declared_header_size(path)
+        if header_bytes > MAX_TOTAL_HEADER_BYTES:
+            raise CheckpointError(f"{folder}: the shards' safetensors headers add up to more than "
+                                  f"{MAX_TOTAL_HEADER_BYTES >> 20} MiB")
+    return files, weight_map, index_name
+
+
+def _shard_path(folder: Path, name: str, how: str) -> Path:
+    """The path of a shard file name from the index (or the folder), refused when it leads out of the folder."""
+    parts = PurePath(name).parts
+    if not name or "\0" in name or os.path.isabs(name) or ".." in parts:
+        raise CheckpointError(f"{folder}: shard {shown(name)} {how} is not a file name inside the checkpoint "
+                              f"folder (allowed: a relative name without '..')")
+    path = folder / name
+    try:
+        real, inside = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise CheckpointError(f"{path}: a symlink loop") from None
+    # huggingface_hub snapshots are symlinks into the repository's blobs/ folder: <repo>/snapshots/<rev>/x.
+    blobs = inside.parent.parent / "blobs" if inside.parent.name == "snapshots" else None
+    if os.path.lexists(path) and not (real.is_relative_to(inside) or (blobs and real.is_relative_to(blobs))):
+        raise CheckpointError(f"{path}: a symlink to {shown(str(real))}, outside the checkpoint folder "
+                              f"(allowed: links within it, or into a Hugging Face cache's blobs/)")
+    return path
+
+
+def tensor_locations(names_by_file: Iterable[tuple[Path, Iterable[str]]], weight_map: dict[str, str] | None,
+                     index_name: str | None = None) -> dict[str, Path]:
+    """tensor name -> the file that holds it: each tensor in exactly one file, and in the one the index names."""
+    file_of: dict[str, Path] = {}
+    for path, names in names_by_file:
+        for name in names:
+            if name in file_of:
+                raise CheckpointError(f"{key_name(name)}: stored twice, in {file_of[name].name} and {path.name}")
+            file_of[name] = path
+    for name, file in (weight_map or {}).items():
+        actual = file_of.get(name)
+        if actual is None or actual.name != file:
+            where = f"it is in {actual.name}" if actual else "it is in no file"
+            raise CheckpointError(f"{key_name(name)}: {index_name} says {shown(file)}, but {where}")
+    return file_of
 
 
 class Checkpoint:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        if not self.folder.is_dir():
+        if not is_dir(self.folder):
             raise CheckpointError(f"{self.folder}: checkpoint folder not found")
-        self._files = self._shard_files()
+        self._files, self.weight_map, self.index_name = shard_files(self.folder)
         self._handles: dict[Path, object] = {}
-        self.file_of: dict[str, Path] = {}
-        for path in self._files:
-            for name in self._open(path).keys():
-                if name in self.file_of:
-                    raise CheckpointError(f"{name}: stored twice, in {self.file_of[name].name} and {path.name}")
-                self.file_of[name] = path
-        self._check_index()
-
-    def _shard_files(self) -> list[Path]:
-        indexes = [self.folder / name for name in INDEX_FILES if (self.folder / name).is_file()]
-        if len(indexes) > 1:
-            raise CheckpointError(f"{self.folder}: holds both {indexes[0].name} and {indexes[1].name}; keep one index")
-        if indexes:
-            index = indexes[0]
-            try:
-                self.weight_map: dict[str, str] | None = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            self.index_name = index.name
-            files = sorted({self.folder / f for f in self.weight_map.values()})
-            for f in files:
-                if not f.is_file():
-                    raise CheckpointError(f"{f}: listed in {index.name} but missing")
-            return files
-        self.weight_map = None
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{self.folder}: no *.safetensors files")
-        return files
+        self._extents: dict[Path, dict[str, tuple[int, int]]] = {}  # file -> tensor -> (first byte, end byte)
+        self.file_of = tensor_locations(((path, self._open(path).keys()) for path in self._files), self.weight_map,
+                                        self.index_name)
 
     def _open(self, path: Path):
         if path not in self._handles:
@@ -63,15 +124,6 @@ class Checkpoint:
             except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
                 raise CheckpointError(f"{path}: not a readable safetensors file ({_short(e)})") from None
         return self._handles[path]
-
-    def _check_index(self) -> None:
-        if self.weight_map is None:
-            return
-        for name, file in self.weight_map.items():
-            actual = self.file_of.get(name)
-            if actual is None or actual.name != file:
-                where = f"it is in {actual.name}" if actual else "it is in no file"
-                raise CheckpointError(f"{name}: {self.index_name} says {file}, but {where}")
 
     def names(self) -> set[str]:
         return set(self.file_of)
@@ -82,24 +134,90 @@ class Checkpoint:
     def dtype(self, name: str) -> str:
         return self._open(self.file_of[name]).get_slice(name).get_dtype()
 
-    def read_slice(self, name: str, rows: range | None = None, cols: range | None = None) -> torch.Tensor:
-        """Rows and columns of a 1-D or 2-D tensor (None = all), reading only their bytes (a safetensors slice)."""
-        if rows is None and cols is None:
-            return self.read(name)
-        path = self.file_of[name]
-        index = tuple(slice(None) if r is None else slice(r.start, r.stop) for r in (rows, cols))
-        try:
-            part = self._open(path).get_slice(name)
-            return part[index[:len(part.get_shape())]]
-        except Exception as e:
-            raise CheckpointError(f"{name}: cannot be read from {path.name} ({_short(e)})") from None
+    def nbytes(self, name: str) -> int:
+        start, end = self._extent(name)
+        return end - start
 
     def read(self, name: str) -> torch.Tensor:
+        """The tensor, in fresh memory."""
+        out = torch.empty(self.shape(name), dtype=TORCH_DTYPES[self.dtype(name)])
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor, first_row: int = 0, cols: range | None = None) -> None:
+        """Fill the contiguous host tensor `out` with the stored bytes of `name` from row first_row on, as many rows
+        as `out` holds (a whole tensor, or a band of rows of one read a band at a time); with `cols`, only those
+        columns of each row of a 2-D tensor (a rank's column slice).
+
+        A column slice is read as one plain read per row, straight into `out`: the rank's bytes and no more, with
+        no buffer beyond `out` itself. Reading whole rows and cutting them would read N times the bytes on each of
+        N ranks, or hold a band of whole rows per worker; the per-row reads cost a system call per row (about
+        3000 for an M2 o_proj or expert w2), far below the time the bytes take."""
         path = self.file_of[name]
+        start, end = self._extent(name)
+        shape = self.shape(name)
+        row_bytes = (end - start) // shape[0] if shape and shape[0] else 0
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        if cols is None:
+            pieces = [(start + first_row * row_bytes, buffer)]
+        else:
+            item = row_bytes // shape[1]
+            width = len(cols) * item
+            rows = len(buffer) // width if width else 0
+            pieces = [(start + (first_row + r) * row_bytes + cols.start * item, buffer[r * width:(r + 1) * width])
+                      for r in range(rows)]
+            if cols.stop > shape[1]:
+                raise ValueError(f"{name}: columns {cols.start}..{cols.stop} run past its {shape[1]} columns")
+        if pieces and pieces[-1][0] + len(pieces[-1][1]) > end:
+            raise ValueError(f"{name}: {len(buffer)} bytes from row {first_row} run past the tensor's end")
         try:
-            return self._open(path).get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"{name}: cannot be read from {path.name} ({_short(e)})") from None
+            with open(path, "rb", buffering=0) as f:
+                for offset, piece in pieces:
+                    _read_fully(f.fileno(), piece, offset, name, path)
+        except OSError as e:
+            raise CheckpointError(f"{name}: cannot be read from {path.name} ({e.strerror or e})") from None
+
+    def _extent(self, name: str) -> tuple[int, int]:
+        path = self.file_of[name]
+        if path not in self._extents:  # the header safe_open has already checked, read again for the offsets
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            base = 8 + size
+            self._extents[path] = {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
+                                   for k, v in header.items() if k != "__metadata__"}
+        return self._extents[path][name]
+
+
+def _read_fully(fd: int, buffer: memoryview, offset: int, name: str, path: Path) -> None:
+    done = 0
+    while done < len(buffer):  # a read may return less than asked (at most ~2 GB per call on Linux)
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"{name}: cannot be read from {path.name} (the file ends early)")
+        done += n
+
+
+def _declared_header_size(path: Path) -> int:
+    """The header length a shard declares, after checking it is a regular file that can hold that header;
+    safetensors would read a FIFO forever and trusts the declared length up to 100 MB."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: is {file_kind(st.st_mode)}; a safetensors shard must be a regular file")
+    with os.fdopen(fd, "rb") as f:
+        prefix = f.read(8)
+    if len(prefix) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file ({st.st_size} bytes, shorter than the 8-byte header length)")
+    size = int.from_bytes(prefix, "little")
+    if size > min(MAX_HEADER_BYTES, st.st_size - 8):
+        raise CheckpointError(f"{path}: not a safetensors file (it declares a {size}-byte header; the file has "
+                              f"{st.st_size - 8} bytes after the length and the most allowed is {MAX_HEADER_BYTES})")
+    return size
 
 
 def _short(e: Exception) -> str:

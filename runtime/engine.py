@@ -9,7 +9,6 @@ tests, parity) goes through here. Not thread-safe: one thread drives add_request
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import random
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from moerun.backends.base import get_backend_class
-from moerun.backends.errors import CheckpointError, ConfigError
+from moerun.backends.errors import CheckpointError
 from moerun.runtime.block_manager import BlockManager
 from moerun.runtime.detokenizer import IncrementalDetokenizer
 from moerun.runtime.model_config import load_model_config
@@ -59,17 +58,15 @@ class Engine:
         self.config = cfg = load_model_config(self.folder)
         self._tokenizer = Tokenizer.from_folder(self.folder) if (self.folder / "tokenizer.json").is_file() else None
         generation_config = read_optional_json(self.folder / "generation_config.json")
-        self.generation_defaults = GenerationDefaults.from_generation_config(generation_config)
+        self.generation_defaults = GenerationDefaults.from_generation_config(
+            generation_config, str(self.folder / "generation_config.json"))
         self.eos_token_ids = self._tokenizer.eos_token_ids if self._tokenizer else _eos_ids(generation_config, cfg.eos_token_ids)
         block_size = run.kv_block_size or get_backend_class(run.backend).capabilities.kv_block_sizes[0]
-        max_model_len_for = functools.partial(_max_model_len, run, cfg.max_position_embeddings)
-        if run.kv_num_blocks is not None:  # a max_model_len the configured cache cannot hold: refused before loading
-            max_model_len_for(run.kv_num_blocks * block_size)
         # The tokenizer's vocabulary: a checkpoint's vocab_size may be padded past it, and those ids never sampled.
         sample_vocab = min(cfg.vocab_size, self._tokenizer.vocab_size) if self._tokenizer else cfg.vocab_size
         self.runner = ModelRunner(run, self.folder, cfg, num_layers or run.num_layers or cfg.num_layers, block_size,
-                                  max_model_len_for, sample_vocab, progress)
-        self.max_model_len = self.runner.max_model_len
+                                  sample_vocab, progress)
+        self.max_model_len = self.runner.max_model_len  # scheduler.max_model_len, within what the cache holds
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, run.scheduler.enable_prefix_caching)
         self.scheduler = Scheduler(run.scheduler, self.block_manager)
         self._requests: dict[str, Request] = {}
@@ -109,6 +106,16 @@ class Engine:
     def close(self) -> None:
         """End the run: on several ranks, rank 0 releases the others, and every rank leaves the world."""
         self.runner.close()
+
+    def keepalive(self) -> None:
+        """Rank 0, idle (a server between requests): tell the other ranks it is there, before their wait for the
+        next step reaches parallel.init_timeout_s. Nothing on one rank."""
+        self.runner.keepalive()
+
+    @property
+    def keepalive_interval_s(self) -> float | None:
+        """How often an idle rank 0 calls keepalive; None on one rank."""
+        return self.run.parallel.init_timeout_s / 4 if self.comm.world.size > 1 else None
 
     @property
     def model(self):
@@ -267,19 +274,6 @@ class Engine:
             prompt_logprobs=list(request.prompt_logprobs) if params.prompt_logprobs is not None and first else None,
             finished=request.finished, finish_reason=request.finish_reason, stop_reason=request.stop_reason,
             num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=request.num_cached_tokens)
-
-
-def _max_model_len(run: RunConfig, max_positions: int, cache_tokens: int) -> int:
-    """scheduler.max_model_len, else the model's max_position_embeddings, within what the KV cache holds: every
-    request that fits max_model_len then fits the cache alone, so it is refused at once or served eventually."""
-    asked = run.scheduler.max_model_len
-    if asked is not None and asked > max_positions:
-        raise ConfigError(f"{run.source}: scheduler.max_model_len: {asked} is more than the model's "
-                          f"max_position_embeddings {max_positions}")
-    if asked is not None and asked > cache_tokens:
-        raise ConfigError(f"{run.source}: scheduler.max_model_len: {asked} tokens do not fit the KV cache "
-                          f"({cache_tokens} tokens: kv_cache.num_blocks x block_size); raise kv_cache.num_blocks")
-    return asked or min(max_positions, cache_tokens)
 
 
 def _eos_ids(generation_config: dict, config_eos: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
 """Joining a world of ranks started by torchrun (env:// rendezvous: WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT), on one node or several, and building this rank's Communicator.
+MASTER_PORT), on one node or several, and building this rank's backend (on its own device) and Communicator.
 
 Without torchrun's variables the world is one rank and nothing is initialized. A rank that never joins ends the
 others when init_timeout_s runs out, each with one line (PeerLostError)."""
@@ -13,7 +13,7 @@ import sys
 
 import torch.distributed as dist
 
-from moerun.backends.base import Backend, get_backend_class
+from moerun.backends.base import Backend, ModelSpec, get_backend_class
 from moerun.backends.errors import ConfigError
 from moerun.runtime.communicator import Communicator, Group, PeerLostError, failure_reason
 from moerun.runtime.model_config import ModelConfig
@@ -91,15 +91,31 @@ class Placement:
     comm: Communicator
 
 
-def place(run: RunConfig, cfg: ModelConfig, env: LaunchEnv | None = None) -> Placement:
-    """Read torchrun's environment, build the backend on this rank's device, check the layout against the model
-    (one line for what cannot work), join the world, and say once (rank 0) what an operator should know."""
-    env = env or launch_env()
-    plan = run.parallel.plan(env.world_size, env.rank, run.source)
+def build_backend(run: RunConfig, cfg: ModelConfig, num_layers: int, block_size: int,
+                  env: LaunchEnv = LaunchEnv()) -> Backend:
+    """The run's backend on this rank's device, built (no weights yet), once it has accepted the model: a model its
+    kernels cannot run is refused now, not at the first request."""
     backend_cls = get_backend_class(run.backend)
     options = (backend_cls.options_for_rank(run.backend_options, env.local_rank, env.world_size)
                if env.world_size > 1 else run.backend_options)
     backend = backend_cls(options, run.dtype)
+    backend.check_model(ModelSpec(
+        hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
+        intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, dtype=run.dtype,
+        kv_block_size=block_size, fp8_block=cfg.fp8_block))
+    if num_layers > cfg.num_layers:
+        raise ConfigError(f"model.num_layers: {num_layers} is more than the checkpoint's {cfg.num_layers} layers")
+    return backend
+
+
+def place(run: RunConfig, cfg: ModelConfig, num_layers: int, block_size: int,
+          env: LaunchEnv | None = None) -> Placement:
+    """Read torchrun's environment, build the backend on this rank's device, check the layout against the model
+    (one line for what cannot work), join the world, and say once (rank 0) what an operator should know."""
+    env = env or launch_env()
+    plan = run.parallel.plan(env.world_size, env.rank, run.source)
+    backend = build_backend(run, cfg, num_layers, block_size, env)
     # FP8 blocks bound the splits only where the backend executes them as stored; dequantized, any split is exact.
     notes = plan.check(cfg, cfg.fp8_block if backend.capabilities.fp8_weights else None)
     comm = connect(env, plan, backend.process_group_backend, run.parallel.init_timeout_s)

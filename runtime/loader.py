@@ -2,49 +2,46 @@
 
 Strict: the checkpoint must hold exactly the tensors the config implies (layers beyond num_hidden_layers, the
 unpublished MTP modules, are ignored), each of the right shape and dtype; any difference is an error naming the
-tensor and the file. FP8 block weights are dequantized into the model dtype on the device unless the backend
-executes FP8 itself, in which case it receives the float8 weight and its block scales.
+tensor and the file. FP8 block weights are dequantized into the model dtype unless the backend executes FP8
+itself, in which case it receives the float8 weight and its block scales.
+
+Within memory: each tensor is allocated once in its final dtype (and, for experts, in the backend's layout), then
+filled: by a plain read straight into it when the stored bytes need no conversion, else a band of rows at a time
+through a small reused staging buffer per worker thread, FP8 dequantized band by band on the way. Nothing the size
+of a layer is ever held twice, so the peak resident memory of a load is the loaded weights plus tens of MB (plus,
+for a backend that dequantizes on the host for a device that cannot hold float8, one layer's experts on the host).
+Before anything is allocated, the weights' bytes are checked against the free memory where they will live.
+
+On several ranks each reads only the slices its ShardPlan gives it (rows of q/k/v and the norms, columns of o_proj,
+its experts and their intermediate slice, its vocabulary rows), into tensors of the slice's size: the bytes read
+and held per rank are about 1/N of the checkpoint. An FP8 slice is read as the blocks covering it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from moerun.backends.base import Backend, ExpertWeights, LinearWeight
 from moerun.backends.cpu.ops import dequantize_fp8_block
-from moerun.runtime.checkpoint import Checkpoint
 from moerun.backends.errors import CheckpointError
+from moerun.runtime.checkpoint import TORCH_DTYPES, Checkpoint
+from moerun.runtime.load_workers import STAGING_BYTES, load_workers
+from moerun.runtime.m2_tensors import (LINEAR, ROUTER, ROUTER_BIAS, M2Tensor, all_tensors, expert_tensors,
+                                       layer_prefix, layer_tensors, model_tensors)
+from moerun.runtime.memory import allocating, check_fits, count, format_bytes, tensor_bytes
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.shard_plan import ShardPlan
 from moerun.runtime.weights import LayerWeights, ModelWeights
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some exporters save; recomputed, never read
-
-
-def layer_prefix(i: int) -> str:
-    return f"model.layers.{i}"
-
-
-def _linear_shapes(cfg: ModelConfig, num_layers: int) -> dict[str, tuple[int, int]]:
-    """Every linear module of the model and its [out, in] shape."""
-    h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    shapes = {"lm_head": (cfg.vocab_size, h)} if not cfg.tie_word_embeddings else {}
-    for i in range(num_layers):
-        p = layer_prefix(i)
-        shapes[f"{p}.self_attn.q_proj"] = (cfg.num_heads * d, h)
-        shapes[f"{p}.self_attn.k_proj"] = (cfg.num_kv_heads * d, h)
-        shapes[f"{p}.self_attn.v_proj"] = (cfg.num_kv_heads * d, h)
-        shapes[f"{p}.self_attn.o_proj"] = (h, cfg.num_heads * d)
-        shapes[f"{p}.block_sparse_moe.gate"] = (cfg.num_experts, h)
-        for e in range(cfg.num_experts):
-            shapes[f"{p}.block_sparse_moe.experts.{e}.w1"] = (inter, h)
-            shapes[f"{p}.block_sparse_moe.experts.{e}.w3"] = (inter, h)
-            shapes[f"{p}.block_sparse_moe.experts.{e}.w2"] = (h, inter)
-    return shapes
+HOST = torch.device("cpu")
+FEWER_LAYERS = ("load fewer layers (--layers N, or model.num_layers in the YAML), or spread the model over more "
+                "devices (the parallel: section, under torchrun; see `moerun plan`)")
 
 
 def is_quantized(cfg: ModelConfig, module: str) -> bool:
@@ -54,27 +51,62 @@ def is_quantized(cfg: ModelConfig, module: str) -> bool:
     return not any(module == m or module.endswith("." + m) or f".{m}." in f".{module}." for m in cfg.fp8_modules_not_converted)
 
 
+def _fp8(cfg: ModelConfig, t: M2Tensor) -> bool:
+    return t.kind == LINEAR and is_quantized(cfg, t.module)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """The rows (and, of a 2-D tensor, the columns) of stored tensor `name` that this rank loads."""
+
+    name: str
+    stored_shape: tuple[int, ...]
+    rows: range
+    cols: range | None  # None: a 1-D tensor
+
+    @classmethod
+    def of(cls, name: str, shape: tuple[int, ...], rows: range | None = None, cols: range | None = None) -> _Part:
+        rows = range(shape[0]) if rows is None else rows
+        return cls(name, shape, rows, None if len(shape) == 1 else range(shape[1]) if cols is None else cols)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows),) if self.cols is None else (len(self.rows), len(self.cols))
+
+    @property
+    def col_slice(self) -> range | None:
+        """The columns to read, when not all of them."""
+        return None if self.cols is None or len(self.cols) == self.stored_shape[1] else self.cols
+
+    def blocks(self, block: tuple[int, int]) -> _Part:
+        """The FP8 block scales that cover this part of a weight: its part of `{module}.weight_scale_inv`."""
+        (bn, bk), (rows, cols) = block, self.stored_shape
+        return _Part.of(self.name.removesuffix(".weight") + ".weight_scale_inv", (-(-rows // bn), -(-cols // bk)),
+                        _covering(self.rows, bn), _covering(self.cols, bk))
+
+    def covered(self, block: tuple[int, int]) -> _Part:
+        """The part of the weight that those blocks span: this part widened to block edges."""
+        scales = self.blocks(block)
+        (bn, bk), (rows, cols) = block, self.stored_shape
+        return _Part.of(self.name, self.stored_shape, range(scales.rows.start * bn, min(scales.rows.stop * bn, rows)),
+                        range(scales.cols.start * bk, min(scales.cols.stop * bk, cols)))
+
+
+def _covering(r: range, block: int) -> range:
+    """The blocks of `block` elements that cover r."""
+    return range(r.start // block, -(-r.stop // block))
+
+
 def expected_tensors(cfg: ModelConfig, num_layers: int) -> dict[str, tuple[tuple[int, ...], str | None]]:
     """name -> (shape, required safetensors dtype or None for 'any float')."""
-    h = cfg.hidden_size
-    out: dict[str, tuple[tuple[int, ...], str | None]] = {
-        "model.embed_tokens.weight": ((cfg.vocab_size, h), None),
-        "model.norm.weight": ((h,), None),
-    }
-    for i in range(num_layers):
-        p = layer_prefix(i)
-        out[f"{p}.input_layernorm.weight"] = ((h,), None)
-        out[f"{p}.post_attention_layernorm.weight"] = ((h,), None)
-        out[f"{p}.self_attn.q_norm.weight"] = ((cfg.num_heads * cfg.head_dim,), None)
-        out[f"{p}.self_attn.k_norm.weight"] = ((cfg.num_kv_heads * cfg.head_dim,), None)
-        out[f"{p}.block_sparse_moe.e_score_correction_bias"] = ((cfg.num_experts,), None)
-    for module, (rows, cols) in _linear_shapes(cfg, num_layers).items():
-        if is_quantized(cfg, module):
-            bn, bk = cfg.fp8_block
-            out[f"{module}.weight"] = ((rows, cols), "F8_E4M3")
-            out[f"{module}.weight_scale_inv"] = ((-(-rows // bn), -(-cols // bk)), "F32")
+    out: dict[str, tuple[tuple[int, ...], str | None]] = {}
+    for t in all_tensors(cfg, num_layers):
+        if _fp8(cfg, t):
+            (bn, bk), (rows, cols) = cfg.fp8_block, t.shape
+            out[t.name] = (t.shape, "F8_E4M3")
+            out[f"{t.module}.weight_scale_inv"] = ((-(-rows // bn), -(-cols // bk)), "F32")
         else:
-            out[f"{module}.weight"] = ((rows, cols), None)
+            out[t.name] = (t.shape, None)
     return out
 
 
@@ -106,11 +138,11 @@ def validate_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, num_layers: int) -> 
 
 
 class WeightLoader:
-    """Reads each tensor once from the memory-mapped checkpoint and hands it to the backend.
+    """Reads each tensor once into its final place and hands it to the backend's prepare_* (see the module doc).
 
-    Linear and expert weights are assembled on the host (experts stacked per layer) and moved by the backend's
-    prepare_* exactly once, so no layer is ever held twice on the device. FP8 weights are dequantized on the
-    device when the backend allows it (fast), else on the host."""
+    Tensors are built on the backend's device. FP8 weights are dequantized where the backend allows float8 tensors
+    (on its device: fast, and the FP8 bytes cross to the device once), else on the host, and then moved once.
+    Reads and conversions run on worker threads (load_workers), a layer at a time."""
 
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, backend: Backend, plan: ShardPlan | None = None) -> None:
         self.ckpt, self.cfg, self.backend = ckpt, cfg, backend
@@ -118,116 +150,249 @@ class WeightLoader:
         self.device, self.dtype = backend.device, backend.dtype
         # The backend runs FP8 itself, or we dequantize here.
         self.keep_fp8 = cfg.fp8_block is not None and backend.capabilities.fp8_weights
-        self.dequant_device = backend.device if backend.capabilities.dequantize_on_device else torch.device("cpu")
+        self.dequant_device = backend.device if backend.capabilities.dequantize_on_device else HOST
+        # The router gate and its bias stay fp32 whatever the model dtype (selection is knife-edge); float64 in a
+        # float64 run.
+        self.router_dtype = torch.promote_types(self.dtype, torch.float32)
+        self._advice = FEWER_LAYERS
         self.bytes_read = 0  # of the checkpoint, by this rank: about 1/N of it on each of N ranks
 
     def load(self, num_layers: int, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
-        """progress(layers_done, num_layers) after each layer."""
+        """progress(bytes_read, bytes_total) of the checkpoint, as tensors are read."""
         validate_checkpoint(self.ckpt, self.cfg, num_layers)
-        layers = []
-        for i in range(num_layers):
-            layers.append(self._layer(i))
+        share = f" (rank {self.plan.rank}'s share: {self.plan.describe()})" if self.plan.world_size > 1 else ""
+        weights = f"the weights of {count(num_layers, 'layer')}{share}"
+        need = self.weight_bytes(num_layers)
+        check_fits(weights, need, self.backend, FEWER_LAYERS)
+        self._advice = f"{weights} need {format_bytes(need)} in all: {FEWER_LAYERS}"
+        total = sum(self._bytes_to_read(t, part) for t, part in self._parts(num_layers))
+        self.bytes_read = 0
+
+        def done(nbytes: int) -> None:
+            self.bytes_read += nbytes
             if progress:
-                progress(i + 1, num_layers)
-        embed = self._dense("model.embed_tokens.weight", field="embed")
-        lm_head = (self.backend.prepare_linear(LinearWeight(embed)) if self.cfg.tie_word_embeddings
-                   else self._linear("lm_head", "lm_head"))
-        return ModelWeights(embed=embed, layers=layers, norm=self._dense("model.norm.weight"), lm_head=lm_head)
+                progress(self.bytes_read, total)
 
-    def _read(self, name: str, rows: range | None = None, cols: range | None = None) -> torch.Tensor:
-        tensor = self.ckpt.read_slice(name, rows, cols)
-        self.bytes_read += tensor.nbytes
-        return tensor
+        outer = self._outer_parts()
+        with load_workers() as self._workers:  # in file order: embedding, layers, final norm, lm_head
+            embed = self._load(*outer["embed"], done)
+            layers = [self._layer(i, done) for i in range(num_layers)]
+            norm = self._load(*outer["norm"], done)
+            lm_head = (self._prepare_linear("lm_head", LinearWeight(embed)) if self.cfg.tie_word_embeddings
+                       else self._load(*outer["lm_head"], done))
+        return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
-    def _dense(self, name: str, dtype: torch.dtype | None = None, field: str = "") -> torch.Tensor:
-        rows, _ = self.plan.tensor_slice(field, self.cfg)
-        return self._read(name, rows).to(self.device, dtype or self.dtype)
+    def weight_bytes(self, num_layers: int) -> int:
+        """Bytes of the loaded weights on the backend's device, this rank's share of them: the model dtype, fp32
+        for the router, and float8 plus block scales for FP8 weights a backend executes itself."""
+        total = 0
+        for t, part in self._parts(num_layers):
+            if _fp8(self.cfg, t) and self.keep_fp8:
+                scales = part.blocks(self.cfg.fp8_block)
+                total += tensor_bytes(part.shape, torch.float8_e4m3fn) + tensor_bytes(scales.shape, torch.float32)
+            else:
+                total += tensor_bytes(part.shape, self._float_dtype(t))
+        return total
 
-    def _dequantize(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        dev = self.dequant_device
-        return dequantize_fp8_block(weight.to(dev), scale.to(dev), self.cfg.fp8_block, self.dtype)
+    def _bytes_to_read(self, t: M2Tensor, part: _Part) -> int:
+        """The checkpoint bytes that loading `part` reads (an FP8 weight dequantized here: the blocks covering it)."""
+        stored = lambda p: tensor_bytes(p.shape, TORCH_DTYPES[self.ckpt.dtype(p.name)])  # noqa: E731
+        if not _fp8(self.cfg, t):
+            return stored(part)
+        weight = part if self.keep_fp8 else part.covered(self.cfg.fp8_block)
+        return stored(weight) + stored(part.blocks(self.cfg.fp8_block))
 
-    def _fp8_slice(self, module: str, rows: range | None, cols: range | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The FP8 weight and the block scales of a slice that starts and ends on block edges (or the tensor's)."""
-        (bn, bk), scale_name = self.cfg.fp8_block, f"{module}.weight_scale_inv"
-        blocks = lambda r, b: None if r is None else range(r.start // b, -(-r.stop // b))  # noqa: E731
-        return self._read(f"{module}.weight", rows, cols), self._read(scale_name, blocks(rows, bn), blocks(cols, bk))
+    # ---- this rank's parts of the tensors (ShardPlan) ----------------------------------------------------------
+    def _sliced(self, t: M2Tensor, field: str) -> tuple[M2Tensor, _Part]:
+        return t, _Part.of(t.name, t.shape, *self.plan.tensor_slice(field, self.cfg))
 
-    def _dequantized_slice(self, module: str, rows: range | None, cols: range | None) -> torch.Tensor:
-        """A slice of an FP8 weight in the model dtype, exact wherever it starts: the blocks covering it are read
-        and dequantized with their scales, then cut to the slice."""
-        (bn, bk), (num_rows, num_cols) = self.cfg.fp8_block, self.ckpt.shape(f"{module}.weight")
-        cover = lambda r, b, n: None if r is None else range(r.start // b * b, min(-(-r.stop // b) * b, n))  # noqa: E731
-        cover_rows, cover_cols = cover(rows, bn, num_rows), cover(cols, bk, num_cols)
-        weight = self._dequantize(*self._fp8_slice(module, cover_rows, cover_cols))
-        cut = lambda r, c: slice(None) if r is None else slice(r.start - c.start, r.stop - c.start)  # noqa: E731
-        return weight[cut(rows, cover_rows), cut(cols, cover_cols)]
+    def _outer_parts(self) -> dict[str, tuple[M2Tensor, _Part]]:
+        return {field: self._sliced(t, field) for field, t in model_tensors(self.cfg).items()}
 
-    def _linear(self, module: str, field: str) -> object:
-        rows, cols = self.plan.tensor_slice(field, self.cfg)
-        if not is_quantized(self.cfg, module):
-            return self.backend.prepare_linear(LinearWeight(self._read(f"{module}.weight", rows, cols).to(self.dtype)))
-        if self.keep_fp8:  # the plan allows only block-edge splits here (ShardPlan.check)
-            return self.backend.prepare_linear(LinearWeight(*self._fp8_slice(module, rows, cols), self.cfg.fp8_block))
-        return self.backend.prepare_linear(LinearWeight(self._dequantized_slice(module, rows, cols).contiguous()))
+    def _layer_parts(self, i: int) -> dict[str, tuple[M2Tensor, _Part]]:
+        return {field: self._sliced(t, field) for field, t in layer_tensors(self.cfg, i).items()}
 
-    def _layer(self, i: int) -> LayerWeights:
-        p = layer_prefix(i)
-        return LayerWeights(
-            input_norm=self._dense(f"{p}.input_layernorm.weight"),
-            q_proj=self._linear(f"{p}.self_attn.q_proj", "q_proj"),
-            k_proj=self._linear(f"{p}.self_attn.k_proj", "k_proj"),
-            v_proj=self._linear(f"{p}.self_attn.v_proj", "v_proj"),
-            o_proj=self._linear(f"{p}.self_attn.o_proj", "o_proj"),
-            q_norm=self._dense(f"{p}.self_attn.q_norm.weight", field="q_norm"),
-            k_norm=self._dense(f"{p}.self_attn.k_norm.weight", field="k_norm"),
-            post_attention_norm=self._dense(f"{p}.post_attention_layernorm.weight"),
-            # Router gate and correction bias stay fp32 whatever the model dtype (selection is knife-edge).
-            router=self._dense(f"{p}.block_sparse_moe.gate.weight", torch.float32),
-            router_bias=self._dense(f"{p}.block_sparse_moe.e_score_correction_bias", torch.float32),
-            experts=self._experts(p),
-        )
+    def _expert_parts(self, i: int, e: int) -> dict[str, tuple[M2Tensor, _Part]]:
+        """w1 and w3 rows, w2 columns: this rank's slice of the expert's intermediate."""
+        inter = self.plan.local_intermediate(self.cfg.intermediate_size)
+        return {part: (t, _Part.of(t.name, t.shape, cols=inter) if part == "w2" else _Part.of(t.name, t.shape, inter))
+                for part, t in expert_tensors(self.cfg, i, e).items()}
 
-    def _experts(self, p: str) -> object:
-        """Stack this rank's experts (and its slice of their intermediate) on the host into [E, 2I, H] (w1 rows,
-        then w3 rows) and [E, H, I], in the checkpoint's storage dtype (float8 with block-scale stacks for FP8),
-        then convert once and hand over."""
-        cfg = self.cfg
-        local, inter_slice = self.plan.local_experts(cfg.num_experts), self.plan.local_intermediate(cfg.intermediate_size)
-        h, inter = cfg.hidden_size, len(inter_slice)
-        whole = None if inter == cfg.intermediate_size else inter_slice
-        quantized = is_quantized(cfg, f"{p}.block_sparse_moe.experts.0.w1")
-        # Gate and up rows share one [2I, H] stack, so FP8 stacks (with their scale stacks) need I to split at a
-        # block edge, and so does a rank's slice of I. Otherwise each expert is dequantized before stacking.
-        stacked_fp8 = quantized and inter % cfg.fp8_block[0] == 0 and inter_slice.start % cfg.fp8_block[0] == 0
-        if quantized and self.keep_fp8 and not stacked_fp8:
-            raise CheckpointError(f"{p}: intermediate {inter} per rank is not a multiple of the FP8 block "
-                                  f"{cfg.fp8_block[0]}, which FP8 execution needs")
-        store = torch.float8_e4m3fn if stacked_fp8 else self.dtype
-        w13 = torch.empty(len(local), 2 * inter, h, dtype=store)
-        w2 = torch.empty(len(local), h, inter, dtype=store)
-        s13 = s2 = None
-        if stacked_fp8:
-            bn, bk = cfg.fp8_block
-            s13 = torch.empty(len(local), 2 * inter // bn, -(-h // bk), dtype=torch.float32)
-            s2 = torch.empty(len(local), -(-h // bn), -(-inter // bk), dtype=torch.float32)
-        # (destination, scale destination, first row there, rows read, columns read)
-        parts = {"w1": (w13, s13, 0, whole, None), "w3": (w13, s13, inter, whole, None), "w2": (w2, s2, 0, None, whole)}
-        for slot, e in enumerate(local):
-            for part, (dest, scale_dest, row0, rows, cols) in parts.items():
-                module = f"{p}.block_sparse_moe.experts.{e}.{part}"
-                if stacked_fp8:
-                    weight, scale = self._fp8_slice(module, rows, cols)
-                    bn = cfg.fp8_block[0]
-                    scale_dest[slot, row0 // bn:row0 // bn + scale.shape[0]] = scale
+    def _parts(self, num_layers: int) -> Iterator[tuple[M2Tensor, _Part]]:
+        """Every tensor this rank loads, with its part, in file order (the tied lm_head is the embedding)."""
+        outer = self._outer_parts()
+        yield outer["embed"]
+        for i in range(num_layers):
+            yield from self._layer_parts(i).values()
+            for e in self.plan.local_experts(self.cfg.num_experts):
+                yield from self._expert_parts(i, e).values()
+        yield outer["norm"]
+        if "lm_head" in outer:
+            yield outer["lm_head"]
+
+    def _float_dtype(self, t: M2Tensor) -> torch.dtype:
+        """What a float tensor is held in: the router's dtype, the backend's choice for a linear weight stored as
+        a float (backend.weight_dtype), else the model dtype (also for FP8 weights dequantized here)."""
+        if t.kind in (ROUTER, ROUTER_BIAS):
+            return self.router_dtype
+        if t.kind == LINEAR and not _fp8(self.cfg, t) and t.name in self.ckpt.file_of:
+            return self.backend.weight_dtype(TORCH_DTYPES[self.ckpt.dtype(t.name)])
+        return self.dtype
+
+    # ---- planning: each tensor's destination, allocated once, and the tasks that fill it ------------------------
+    def _load(self, t: M2Tensor, part: _Part, done: Callable[[int], None]) -> object:
+        out, tasks = self._plan(t, part)
+        self._workers.run(tasks, done)
+        return self._finish(t, out)
+
+    def _layer(self, i: int, done: Callable[[int], None]) -> LayerWeights:
+        planned, tasks = {}, []
+        for field, (t, part) in self._layer_parts(i).items():
+            out, fill = self._plan(t, part)
+            planned[field] = (t, out)
+            tasks += fill
+        stacks, fill = self._plan_experts(i)
+        self._workers.run(tasks + fill, done)
+        fields = {field: self._finish(t, out) for field, (t, out) in planned.items()}
+        what = f"{layer_prefix(i)}.block_sparse_moe.experts"
+        with allocating(what, nbytes_of(stacks), self.device, self._advice):
+            return LayerWeights(**fields, experts=self.backend.prepare_experts(stacks))
+
+    def _plan(self, t: M2Tensor, part: _Part) -> tuple[object, list[Callable[[], int]]]:
+        if not _fp8(self.cfg, t):
+            out = self._empty(t.name, part.shape, self._float_dtype(t), self.device)
+            return out, self._fill_tasks(part, out)
+        if self.keep_fp8:  # a backend that executes FP8 holds float8 on its device (slices on block edges)
+            scales = part.blocks(self.cfg.fp8_block)
+            weight = self._empty(t.name, part.shape, torch.float8_e4m3fn, self.device)
+            scale = self._empty(scales.name, scales.shape, torch.float32, self.device)
+            return (weight, scale), self._fill_tasks(part, weight) + self._fill_tasks(scales, scale)
+        out = self._empty(t.name, part.shape, self.dtype, self.dequant_device)
+        return out, [lambda: self._dequantize_into(part, out)]
+
+    def _finish(self, t: M2Tensor, out: object) -> object:
+        if t.kind != LINEAR:
+            return out
+        weight = LinearWeight(*out, self.cfg.fp8_block) if isinstance(out, tuple) else LinearWeight(out)
+        return self._prepare_linear(t.name, weight)
+
+    def _plan_experts(self, i: int) -> tuple[ExpertWeights, list[Callable[[], int]]]:
+        """This rank's experts of layer i (and its slice I of their intermediate) go into stacks w13 [E, 2I, H]
+        (w1 rows, then w3 rows) and w2 [E, H, I], one task per expert: float8 stacks with stacked block scales for
+        a backend that executes FP8, else stacks in the backend's own layout (empty_experts) and the dtype
+        _float_dtype gives the first expert's w1."""
+        cfg, local = self.cfg, self.plan.local_experts(self.cfg.num_experts)
+        h, inter = cfg.hidden_size, len(self.plan.local_intermediate(cfg.intermediate_size))
+        what = f"{layer_prefix(i)}.block_sparse_moe.experts"
+        first = expert_tensors(cfg, i, local.start)["w1"]
+        quantized = _fp8(cfg, first)
+        fp8_stacks = quantized and self.keep_fp8
+        if fp8_stacks:
+            stacks = self._fp8_stacks(what, len(local), inter)
+        else:
+            dtype = self._float_dtype(first)
+            nbytes = len(local) * 3 * h * inter * dtype.itemsize
+            with allocating(what, nbytes, self.dequant_device, self._advice):
+                stacks = self.backend.empty_experts(len(local), h, inter, dtype, self.dequant_device)
+        stacks = dataclasses.replace(stacks, first_expert=local.start, layer_experts=cfg.num_experts)
+
+        def expert(slot: int, e: int) -> int:
+            read = 0
+            for name, (t, part) in self._expert_parts(i, e).items():
+                rows = {"w1": slice(0, inter), "w3": slice(inter, 2 * inter), "w2": slice(None)}[name]
+                out = (stacks.w2 if name == "w2" else stacks.w13)[slot, rows]
+                if fp8_stacks:
+                    bn, scales = cfg.fp8_block[0], part.blocks(cfg.fp8_block)
+                    scale_stack = stacks.w2_scale_inv if name == "w2" else stacks.w13_scale_inv
+                    scale_rows = slice(None) if name == "w2" else slice(rows.start // bn, rows.stop // bn)
+                    read += self._fill(part.name, out, part.rows.start, part.col_slice)
+                    read += self._fill(scales.name, scale_stack[slot, scale_rows], scales.rows.start, scales.col_slice)
                 elif quantized:
-                    weight = self._dequantized_slice(module, rows, cols).cpu()
+                    read += self._dequantize_into(part, out)
                 else:
-                    weight = self._read(f"{module}.weight", rows, cols)
-                dest[slot, row0:row0 + weight.shape[0]] = weight.to(store)
-        shard = {"first_expert": local.start, "layer_experts": cfg.num_experts}
-        if stacked_fp8 and self.keep_fp8:
-            return self.backend.prepare_experts(ExpertWeights(w13, w2, s13, s2, block=cfg.fp8_block, **shard))
-        if stacked_fp8:
-            w13, w2 = self._dequantize(w13, s13), self._dequantize(w2, s2)
-        return self.backend.prepare_experts(ExpertWeights(w13=w13, w2=w2, **shard))
+                    read += self._fill(part.name, out, part.rows.start, part.col_slice)
+            return read
+
+        return stacks, [lambda slot=slot, e=e: expert(slot, e) for slot, e in enumerate(local)]
+
+    def _fp8_stacks(self, what: str, num_experts: int, inter: int) -> ExpertWeights:
+        """float8 stacks and their block-scale stacks, on the device (a backend that executes FP8 holds float8).
+        Gate and up rows share one [2I, H] stack, so I (this rank's slice of it) must split at a block edge."""
+        cfg = self.cfg
+        h, (bn, bk) = cfg.hidden_size, cfg.fp8_block
+        if inter % bn or inter % bk:
+            raise CheckpointError(f"{what}: intermediate {inter} per rank is not a multiple of the FP8 block "
+                                  f"{bn}x{bk}, which FP8 execution needs")
+        f8, f32 = torch.float8_e4m3fn, torch.float32
+        return ExpertWeights(
+            w13=self._empty(what, (num_experts, 2 * inter, h), f8, self.device),
+            w2=self._empty(what, (num_experts, h, inter), f8, self.device),
+            w13_scale_inv=self._empty(what, (num_experts, 2 * inter // bn, -(-h // bk)), f32, self.device),
+            w2_scale_inv=self._empty(what, (num_experts, -(-h // bn), -(-inter // bk)), f32, self.device),
+            block=cfg.fp8_block)
+
+    # ---- the tasks: reads and conversions, on a worker ---------------------------------------------------------
+    def _empty(self, what: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        with allocating(what, tensor_bytes(shape, dtype), device, self._advice):
+            return torch.empty(shape, dtype=dtype, device=device)
+
+    def _staged(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor over this worker's reused staging bytes."""
+        allocate = lambda n: self._empty("a read buffer", (n,), torch.uint8, HOST)  # noqa: E731
+        return self._workers.staging(tensor_bytes(shape, dtype), allocate).view(dtype).view(shape)
+
+    def _fill_tasks(self, part: _Part, out: torch.Tensor) -> list[Callable[[], int]]:
+        """Tasks that fill `out` with `part`, a band of rows each, so a large tensor is read in parallel."""
+        rows = out.shape[0]
+        band = max(1, STAGING_BYTES // max(1, out[0].numel() * out.element_size()))
+        return [lambda r0=r0: self._fill(part.name, out[r0:r0 + band], part.rows.start + r0, part.col_slice)
+                for r0 in range(0, rows, band)]
+
+    def _fill(self, name: str, out: torch.Tensor, first_row: int = 0, cols: range | None = None) -> int:
+        """Read rows first_row.. (and columns `cols`, else all) of tensor `name` into `out`, whatever its dtype,
+        strides or device: straight into it when it is a contiguous host tensor of the stored dtype, else through
+        the staging buffer."""
+        stored = TORCH_DTYPES[self.ckpt.dtype(name)]
+        if out.device == HOST and out.dtype == stored and out.is_contiguous():
+            self.ckpt.read_into(name, out, first_row, cols)
+        else:
+            staged = self._staged(tuple(out.shape), stored)
+            self.ckpt.read_into(name, staged, first_row, cols)
+            out.copy_(staged)
+        return tensor_bytes(tuple(out.shape), stored)
+
+    def _dequantize_into(self, part: _Part, out: torch.Tensor) -> int:
+        """Dequantize `part` of an FP8 weight into `out` (the model dtype), a band of whole block rows at a time.
+        A part that starts or ends inside a block (a rank's slice, when a dequantized run splits anywhere) is read
+        as the blocks covering it, dequantized a band at a time and cut: exact, and never more than a band beyond
+        the part is held."""
+        block = self.cfg.fp8_block
+        scales, cover = part.blocks(block), part.covered(block)
+        exact = cover == part
+        scale = torch.empty(scales.shape, dtype=torch.float32)
+        self.ckpt.read_into(scales.name, scale, scales.rows.start, scales.col_slice)
+        scale = scale.to(out.device)
+        first, width = cover.rows.start, len(cover.cols)
+        band = max(1, STAGING_BYTES // (block[0] * width)) * block[0]
+        cut_cols = slice(part.cols.start - cover.cols.start, part.cols.stop - cover.cols.start)
+        for r0 in range(first, cover.rows.stop, band):
+            r1 = min(r0 + band, cover.rows.stop)
+            staged = self._staged((r1 - r0, width), torch.float8_e4m3fn)
+            self.ckpt.read_into(part.name, staged, r0, cover.col_slice)
+            band_scales = scale[(r0 - first) // block[0]:-(-(r1 - first) // block[0])]
+            lo, hi = max(r0, part.rows.start), min(r1, part.rows.stop)
+            dest = out[lo - part.rows.start:hi - part.rows.start]
+            if exact:
+                dequantize_fp8_block(staged.to(out.device), band_scales, block, self.dtype, out=dest)
+            else:
+                whole = dequantize_fp8_block(staged.to(out.device), band_scales, block, self.dtype)
+                dest.copy_(whole[lo - r0:hi - r0, cut_cols])
+        return tensor_bytes(cover.shape, torch.float8_e4m3fn) + scale.nbytes
+
+    def _prepare_linear(self, what: str, w: LinearWeight) -> object:
+        with allocating(what, w.weight.nbytes, self.device, self._advice):
+            return self.backend.prepare_linear(w)
+
+
+def nbytes_of(w: ExpertWeights) -> int:
+    return sum(t.nbytes for t in (w.w13, w.w2, w.w13_scale_inv, w.w2_scale_inv) if t is not None)

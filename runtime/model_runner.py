@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 
-from moerun.backends.base import ModelSpec
-from moerun.backends.errors import ConfigError, ResourceError
-from moerun.runtime import capacity, step_broadcast
+from moerun.runtime import step_broadcast
 from moerun.runtime.checkpoint import Checkpoint
 from moerun.runtime.kv_cache import allocate_kv_caches
 from moerun.runtime.launch import place
+from moerun.runtime.limits import check_kv_blocks, check_memory, kv_blocks_that_fit, max_model_len
 from moerun.runtime.loader import WeightLoader
-from moerun.runtime.memory import format_bytes, memory_free
+from moerun.runtime.memory import memory_free
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.request import LogprobEntry, Request
@@ -55,30 +54,22 @@ class _RowPlan:
 
 class ModelRunner:
     def __init__(self, run: RunConfig, folder: Path, config: ModelConfig, num_layers: int, block_size: int,
-                 max_model_len_for: Callable[[int], int], sample_vocab_size: int,
-                 progress: Callable[[int, int], None] | None = None) -> None:
-        """max_model_len_for(cache tokens): the longest request a KV cache of that many tokens allows."""
+                 sample_vocab_size: int, progress: Callable[[int, int], None] | None = None) -> None:
         self.config = cfg = config
-        placement = place(run, cfg)
+        placement = place(run, cfg, num_layers, block_size)
         self.backend = backend = placement.backend
         self.plan = plan = placement.plan
         self.comm = placement.comm
         self.block_size = block_size
-        # The backend refuses a model its kernels cannot run now, not at the first request.
-        backend.check_model(ModelSpec(
-            hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
-            intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, dtype=run.dtype,
-            kv_block_size=block_size, fp8_block=cfg.fp8_block))
-        if num_layers > cfg.num_layers:
-            raise ConfigError(f"model.num_layers: {num_layers} is more than the checkpoint's {cfg.num_layers} layers")
-        free_before = memory_free(backend)
         loader = WeightLoader(Checkpoint(folder), cfg, backend, plan)
-        weights = loader.load(num_layers, progress)
+        weights = loader.weight_bytes(num_layers)  # this rank's share
+        free = memory_free(backend)  # one reading, before loading: the cache is sized from it and checked against it
+        self.num_blocks = run.kv_num_blocks or self._blocks_that_fit(run, num_layers, weights, free)
+        check_memory(run, backend, cfg, plan, num_layers, self.num_blocks, block_size, weights, free)
+        # A scheduler.max_model_len the cache cannot hold is refused here, before loading.
+        self.max_model_len = max_model_len(run, cfg.max_position_embeddings, self.num_blocks * block_size)
+        self.model = MiniMaxM2Model(cfg, loader.load(num_layers, progress), backend, self.comm, plan)
         self.bytes_read = loader.bytes_read  # of the checkpoint, by this rank
-        self.model = MiniMaxM2Model(cfg, weights, backend, self.comm, plan)
-        self.num_blocks = run.kv_num_blocks or self._blocks_that_fit(run, num_layers, free_before)
-        self.max_model_len = max_model_len_for(self.num_blocks * block_size)
         self.kv_caches = allocate_kv_caches(backend, num_layers, self.num_blocks, block_size,
                                             len(plan.local_kv_heads(cfg.num_kv_heads)), cfg.head_dim)
         sched = run.scheduler
@@ -92,30 +83,12 @@ class ModelRunner:
         self.sample_vocab_size = sample_vocab_size
         self.sampler = Sampler(sample_vocab_size, backend.device, sched.max_num_seqs)
 
-    def _blocks_that_fit(self, run: RunConfig, num_layers: int, free_before: int | None) -> int:
-        """kv_cache.num_blocks unset: the blocks that fit in kv_cache.memory_fraction of the memory that was free
-        before the weights, after the weights (as they turned out) and the step reserve (runtime/capacity.py, the
-        arithmetic of `moerun plan`); at most what max_num_seqs requests of the longest length could hold; the
-        smallest over the ranks, which must all hold the same blocks."""
-        cfg, sched, backend = self.config, run.scheduler, self.backend
-        free_after = memory_free(backend)
-        if free_before is None or free_after is None:
-            raise ConfigError(f"{run.source}: kv_cache.num_blocks: the {backend.name} backend does not report its "
-                              f"free memory, so the KV cache cannot be sized from it: give num_blocks")
-        reserve = capacity.reserve_bytes(cfg, self.plan, run.dtype_name, sched.max_num_batched_tokens,
-                                         sched.max_num_seqs, accelerator=backend.device.type != "cpu")
-        per_token = capacity.kv_bytes_per_token(cfg, self.plan, run.dtype_name, num_layers)
-        tokens = capacity.kv_tokens(free_before, run.kv_memory_fraction, free_before - free_after, reserve, per_token)
-        longest = sched.max_model_len or cfg.max_position_embeddings
-        blocks = min(tokens // self.block_size, sched.max_num_seqs * -(-longest // self.block_size))
-        blocks = int(self.comm.world.all_gather(torch.tensor([blocks])).min())
-        if blocks < 1:
-            raise ResourceError(
-                f"no memory left for the KV cache on {backend.device}: {format_bytes(free_before)} free before "
-                f"loading, x kv_cache.memory_fraction {run.kv_memory_fraction:g}, minus the weights "
-                f"({format_bytes(free_before - free_after)}) and the step reserve ({format_bytes(reserve)}) leaves "
-                f"less than one block; use more devices, fewer layers, a smaller scheduler.max_num_batched_tokens, "
-                f"or check `moerun plan`")
+    def _blocks_that_fit(self, run: RunConfig, num_layers: int, weights: int, free: int | None) -> int:
+        """kv_cache.num_blocks unset: limits.kv_blocks_that_fit on each rank, the smallest taken (the ranks must all
+        hold the same blocks), refused below one block on every rank alike."""
+        mine = kv_blocks_that_fit(run, self.config, self.plan, self.backend, num_layers, self.block_size, weights, free)
+        blocks = int(self.comm.host.all_gather(torch.tensor([mine])).min())
+        check_kv_blocks(run, self.backend, blocks, weights, free)
         return blocks
 
     @torch.inference_mode()

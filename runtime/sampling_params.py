@@ -17,7 +17,7 @@ import dataclasses
 import math
 from typing import Any
 
-from moerun.backends.errors import MoerunError
+from moerun.backends.errors import CheckpointError, MoerunError
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2 ** 64
@@ -107,13 +107,15 @@ class GenerationDefaults:
     repetition_penalty: float = 1.0
 
     @classmethod
-    def from_generation_config(cls, raw: dict[str, Any]) -> GenerationDefaults:
-        values = {}
-        for field in dataclasses.fields(cls):
-            value = raw.get(field.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                values[field.name] = int(value) if field.type == "int" else float(value)
-        return cls(**values)
+    def from_generation_config(cls, raw: dict[str, Any], where: str = "generation_config.json") -> GenerationDefaults:
+        """The file's values, each held to the range a request's own value is (NaN, -1 or a top_p of 2 in a
+        checkpoint's file is refused, not sampled with)."""
+        values = {field.name: raw[field.name] for field in dataclasses.fields(cls) if raw.get(field.name) is not None}
+        try:
+            SamplingParams(**values).check(vocab_size=1)
+        except RequestError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        return cls(**{name: int(v) if name == "top_k" else float(v) for name, v in values.items()})
 
 
 _DEFAULTED = tuple(f.name for f in dataclasses.fields(GenerationDefaults))

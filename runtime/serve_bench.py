@@ -77,11 +77,14 @@ def _lengths(rng: random.Random, mean: int, ratio: float, count: int) -> list[in
     return [rng.randint(low, high) if ratio > 0 else mean for _ in range(count)]
 
 
-def build_requests(workload: Workload) -> list[RequestSpec]:
-    """The same prompts and lengths for the same seed, so two servers get identical work."""
-    rng = random.Random(workload.seed)
-    inputs = _lengths(rng, workload.input_len, workload.range_ratio, workload.num_requests)
-    outputs = _lengths(rng, workload.output_len, workload.range_ratio, workload.num_requests)
+def build_requests(workload: Workload, part: str, count: int | None = None) -> list[RequestSpec]:
+    """`count` (default: the workload's) requests for one part of a run (a concurrency level, the warm-up): the
+    same prompts and lengths for the same seed and part, so two servers get identical work, and different ones
+    for different parts, so a server's prefix cache never serves one level from another's prompts."""
+    rng = random.Random(f"{workload.seed}/{part}")
+    count = workload.num_requests if count is None else count
+    inputs = _lengths(rng, workload.input_len, workload.range_ratio, count)
+    outputs = _lengths(rng, workload.output_len, workload.range_ratio, count)
     return [RequestSpec(" ".join(rng.choice(WORDS) for _ in range(n_in)), n_out) for n_in, n_out in zip(inputs, outputs)]
 
 

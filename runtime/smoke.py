@@ -28,7 +28,10 @@ class Check:
     seconds: float
 
 
-def smoke_prompts(vocab_size: int, lengths: tuple[int, ...] = (5, 11, 17), seed: int = 0) -> list[list[int]]:
+PROMPT_LENGTHS = (5, 11, 17)  # a ragged batch: three sequences, none a multiple of a block
+
+
+def smoke_prompts(vocab_size: int, lengths: tuple[int, ...] = PROMPT_LENGTHS, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 

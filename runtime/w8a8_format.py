@@ -29,13 +29,14 @@ vllm_ascend/quantization/modelslim_config.py (182b75e).
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from moerun.backends.errors import CheckpointError
+from moerun.runtime.files import MiB, read_json_object
 
 DESCRIPTION_FILE = "quant_model_description.json"
 WEIGHTS_PREFIX = "quant_model_weights"
@@ -85,13 +86,10 @@ def is_w8a8_folder(folder: Path) -> bool:
 
 def read_description(folder: Path) -> Description:
     path = Path(folder) / DESCRIPTION_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (a W8A8 checkpoint has msModelSlim's {DESCRIPTION_FILE})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    return parse_description(raw, str(path))
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path}: missing (a W8A8 checkpoint has msModelSlim's {DESCRIPTION_FILE})")
+    # Like the shard index it names every tensor: capped alike, and only a regular file is read.
+    return parse_description(read_json_object(path, 64 * MiB, DESCRIPTION_FILE), str(path))
 
 
 def parse_description(raw: Any, where: str = DESCRIPTION_FILE) -> Description:

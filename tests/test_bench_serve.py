@@ -75,6 +75,9 @@ def test_counts_and_percentiles_are_what_the_fake_did(tmp_path, capsys):
         assert 3 <= body["max_tokens"] <= 9 and body["min_tokens"] == body["max_tokens"] and body["ignore_eos"]
         assert body["stream"] and body["stream_options"] == {"include_usage": True}
         assert body["messages"][0]["role"] == "user" and 4 <= record.prompt_tokens <= 12
+    # every level gets prompts of its own: a prefix cache cannot serve one level from another's
+    prompts = [r.body["messages"][0]["content"] for r in fake.records]
+    assert len(set(prompts)) == len(prompts)
 
 
 def test_without_usage_tokens_are_counted_from_chunks(tmp_path):

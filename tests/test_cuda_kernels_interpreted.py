@@ -377,7 +377,7 @@ else:
     @pytest.mark.parametrize("options,match", [({"fp8": "maybe"}, r"cuda\.fp8: 'maybe' is not allowed"),
                                                ({"cuda_graphs": "yes"}, r"cuda\.cuda_graphs: expected bool"),
                                                ({"graphs": True}, r"cuda\.graphs: unknown key"),
-                                               ({"graph_max_batch": 0}, r"cuda\.graph_max_batch: must be a positive")])
+                                               ({"graph_max_batch": 0}, r"cuda\.graph_max_batch: 0 is out of range \(allowed: 1\.\.4096\)")])
     def test_option_errors_name_the_key(options, match):
         with pytest.raises(ConfigError, match=match):
             CudaBackend.validate_options(options, "cuda")

@@ -41,6 +41,25 @@ def test_dequantize_matches_tilewise_numpy(tmp_path):
     assert torch.equal(stacked[1], 2 * dequantize_numpy(q, s, (32, 16)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_every_e4m3_value_into_a_strided_destination(dtype):
+    """Every byte value (subnormals, +-448, both NaNs) among random ones in a ragged [300, 200] weight, written through a transposed
+    view as a backend layout would have it: equal to torch's own float8 cast times the tile's scale (numpy),
+    rounded once to dtype."""
+    from fp8_checkpoints import dequantize_numpy
+
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (300, 200), dtype=torch.uint8, generator=gen)
+    raw.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    q, block = raw.view(torch.float8_e4m3fn), (128, 64)
+    s = torch.rand(3, 4, generator=gen) * 1e-2
+    out = torch.empty(200, 300, dtype=dtype).T
+    dequantize_fp8_block(q, s, block, dtype, out=out)
+    ref = dequantize_numpy(q, s, block).to(dtype)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
 def test_fp8_checkpoint_missing_scale_names_tensor(hf_checkpoint, write_yaml, tmp_path):
     from safetensors.torch import save_file
 

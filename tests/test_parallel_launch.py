@@ -5,15 +5,17 @@ and a rank that dies or never joins ending the others with one line.
 
 Launches are few and shared across assertions (each rank starts a Python with torch): four `moerun logits`
 launches of 2 ranks (the issue's bar), one world of 4 running six layouts in one go (tests/parallel_worker.py),
-one `moerun generate` of 2 ranks, two torchruns of one node each for the loopback smoke, and two bare pairs of
+one `moerun serve` of 2 ranks, two torchruns of one node each for the loopback smoke, and two bare pairs of
 processes for the failures."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
-import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -122,18 +124,42 @@ def test_each_rank_reads_only_its_slices(layout, world_of_four):
         assert all(r <= 1.1 * whole / 4 for r in reads), (reads, whole)
 
 
-def test_greedy_generate_command_on_two_ranks_matches_one(write_yaml, tmp_path):
-    """`moerun generate` on the demo checkpoint (with its tokenizer and chat template), TP2 under torchrun, prints
-    the text one process prints."""
+def test_serve_on_two_ranks_outlives_the_timeout_when_idle_and_answers_as_one(write_yaml, tmp_path):
+    """`moerun serve` under torchrun, TP2 on the demo checkpoint: rank 0 alone listens (the other rank does not
+    bind the port too); idle for longer than parallel.init_timeout_s it keeps the other rank waiting (keepalive),
+    then serves a greedy completion equal to one process's; a SIGTERM to the launch (as Ctrl-C sends it to the
+    whole group) ends both ranks with one line each."""
     demo = {"backend": "cpu", "model": {"path": "builtin:demo", "dtype": "float32"}, "kv_cache": {"num_blocks": 32}}
-    args = ["generate", "-p", "hello there", "--max-tokens", "12", "--temperature", "0"]
-    one = subprocess.run([sys.executable, "-m", "moerun", *args, "-c", str(write_yaml(demo, "one.yaml"))],
-                         cwd=tmp_path, env=quiet_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    assert one.returncode == 0, one.stderr
-    two = torchrun(2, ["-m", "moerun", *args, "-c",
-                       str(write_yaml({**demo, "parallel": {"tensor_parallel_size": 2}}, "tp2.yaml"))], tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout == one.stdout and one.stdout.strip()
+    config = write_yaml({**demo, "parallel": {"tensor_parallel_size": 2, "init_timeout_s": 3}}, "tp2.yaml")
+    ids = [1, 17, 42, 5, 99, 3]
+    server = subprocess.Popen(torchrun_command(2, ["-m", "moerun", "serve", "-c", str(config), "--port", "0",
+                                                   "--no-access-log"], free_port()),
+                              cwd=tmp_path, env=quiet_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        url = None
+        for line in server.stderr:
+            if "OpenAI API at " in line:
+                url = line.split("OpenAI API at ")[1].strip()
+                break
+        assert url, "the server never said where it listens"
+        time.sleep(5)  # idle past init_timeout_s: without rank 0's keepalive the other rank's wait would fail
+        request = urllib.request.Request(f"{url}/completions", method="POST", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"model": "moerun-demo", "prompt": ids, "max_tokens": 8,
+                                                          "temperature": 0}).encode())
+        with urllib.request.urlopen(request, timeout=LAUNCH_TIMEOUT_S) as response:
+            served = json.loads(response.read())["choices"][0]["text"]
+        os.killpg(server.pid, signal.SIGTERM)
+        _, stderr = server.communicate(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    one = Engine.from_config(write_yaml(demo, "one.yaml"))
+    expected = one.generate([ids], SamplingParams(temperature=0, max_tokens=8))[0].output_text
+    assert served == expected and expected
+    # One line from each rank (torchrun itself reports the signal with a traceback of its own, in torch's files).
+    assert "moerun serve: stopped" in stderr and "moerun: terminated" in stderr, stderr[-3000:]
+    assert "moerun/" not in stderr and "/runtime/" not in stderr, stderr[-3000:]
 
 
 def test_two_node_loopback_smoke(write_yaml, tmp_path):

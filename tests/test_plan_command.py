@@ -25,13 +25,21 @@ def test_every_m27_config_is_planned_here():
     assert set(DEVICES) == {p.name for p in CONFIGS.glob("m27_*.yaml")}
 
 
-def planned(name: str, tmp_path: Path, capsys, *extra: str) -> list[str]:
+def run_plan(name: str, tmp_path: Path, capsys, *args: str) -> tuple[int, list[str], list[str]]:
+    """`moerun plan -c <shipped config> ARGS` -> (exit code, stdout lines, stderr lines)."""
     raw = yaml.safe_load((CONFIGS / name).read_text())
     raw["model"]["path"] = str(write_m27_config(tmp_path / "MiniMax-M2.7"))
     config = tmp_path / name
     config.write_text(yaml.safe_dump(raw))
-    assert main(["plan", "-c", str(config), "--devices", DEVICES[name], *extra]) == 0
-    return capsys.readouterr().out.splitlines()
+    code = main(["plan", "-c", str(config), *args])
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err.strip().splitlines()
+
+
+def planned(name: str, tmp_path: Path, capsys, *extra: str) -> list[str]:
+    code, out, _ = run_plan(name, tmp_path, capsys, "--devices", DEVICES[name], *extra)
+    assert code == 0
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(DEVICES))
@@ -51,20 +59,11 @@ def test_one_a2_node_in_w8a8_halves_the_weights(tmp_path, capsys):
 
 
 def test_pure_tp8_on_fp8_is_listed_as_refused(tmp_path, capsys):
-    raw = yaml.safe_load((CONFIGS / "m27_4x_h100_fp8.yaml").read_text())
-    raw["model"]["path"] = str(write_m27_config(tmp_path / "m27"))
-    config = tmp_path / "eight.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    assert main(["plan", "-c", str(config), "--devices", "h100-80g:8"]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("TP8 x EP1 "))
-    assert "refused" in row and "1536 / 8 = 192 is not a multiple of the FP8 block 128" in row
+    code, out, _ = run_plan("m27_4x_h100_fp8.yaml", tmp_path, capsys, "--devices", "h100-80g:8")
+    row = next(line for line in out if line.startswith("TP8 x EP1 "))
+    assert code == 0 and "refused" in row and "1536 / 8 = 192 is not a multiple of the FP8 block 128" in row
 
 
 def test_bad_devices_is_one_line(tmp_path, capsys):
-    raw = yaml.safe_load((CONFIGS / "m27_4x_h100_fp8.yaml").read_text())
-    raw["model"]["path"] = str(write_m27_config(tmp_path / "m27"))
-    config = tmp_path / "x.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    assert main(["plan", "-c", str(config), "--devices", "a100:4"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown device kind 'a100'" in err[0]
+    code, _, err = run_plan("m27_4x_h100_fp8.yaml", tmp_path, capsys, "--devices", "a100:4")
+    assert code == 2 and len(err) == 1 and "unknown device kind 'a100'" in err[0]

@@ -140,7 +140,7 @@ def test_a_failure_mid_write_leaves_nothing(failure, hf_checkpoint, tmp_path, mo
 
     monkeypatch.setattr(shard_writer.ShardWriter, "write", write)
     code, err = run(["--w8a8", "--max-shard-size", "20KB", src, tmp_path / "dst"], capsys)
-    assert (code, err.splitlines()[-1]) in [(130, "moerun: aborted"),
+    assert (code, err.splitlines()[-1]) in [(130, "moerun: interrupted"),
                                             (2, f"moerun: error: {tmp_path / 'dst'}: cannot write the W8A8 checkpoint "
                                                 f"(No space left on device)")]
     assert len(written) == 20 and list(tmp_path.iterdir()) == []

@@ -147,6 +147,11 @@ def test_unset_fields_take_the_checkpoint_defaults_then_openai_ones():
     assert sampling_kwargs(chat(temperature=0), 10, 100, {"temperature": 0.6})["temperature"] == 0
 
 
+def test_negative_seeds_keep_their_bits_as_unsigned_engine_seeds():
+    assert sampling_kwargs(chat(seed=-1), 10, 100)["seed"] == 2**64 - 1
+    assert sampling_kwargs(chat(seed=2**63 - 1), 10, 100)["seed"] == 2**63 - 1
+
+
 def test_max_tokens_defaults():
     assert sampling_kwargs(chat(), prompt_tokens=30, max_model_len=100)["max_tokens"] == 70  # the rest of the context
     assert sampling_kwargs(completion(), prompt_tokens=30, max_model_len=100)["max_tokens"] == 16

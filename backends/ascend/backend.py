@@ -30,6 +30,12 @@ class AscendBackend(Backend):
     )
     default_options = {"emulate": False, "device": "npu:0"}
 
+    @classmethod
+    def validate_options(cls, options: dict[str, Any] | None, key_path: str) -> dict[str, Any]:
+        options = super().validate_options(options, key_path)
+        npu_ops.parse_device(options["device"], f"{key_path}.device")  # a typo shows up on any machine
+        return options
+
     def __init__(self, options: dict[str, Any], dtype: torch.dtype) -> None:
         super().__init__(options, dtype)
         self._source = npu_ops.load(bool(options.get("emulate", False)), options.get("device", "npu:0"))
@@ -61,6 +67,9 @@ class AscendBackend(Backend):
         if w.scale_inv is not None:
             raise ValueError("ascend: an FP8 linear weight reached the backend; the loader must dequantize it")
         return w.weight.to(self.device)
+
+    def empty_experts(self, num_experts, hidden_size, intermediate_size, dtype, device) -> ExpertWeights:
+        return moe.empty(num_experts, hidden_size, intermediate_size, dtype, device)
 
     def prepare_experts(self, w: ExpertWeights | W8A8ExpertWeights) -> moe.AscendExperts | w8a8.AscendW8A8Experts:
         if isinstance(w, W8A8ExpertWeights):

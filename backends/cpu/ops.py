@@ -1,7 +1,8 @@
 """Reference implementations of every backend op, in plain PyTorch.
 
-Written for clarity and exactness first: statistics, softmax and the expert combine run in fp32, and each op
-follows the MiniMax-M2 math of transformers' MiniMaxM2ForCausalLM. Other backends' tests call these functions
+Written for clarity and exactness first: statistics, softmax and the expert combine run in fp32 (in float64 when
+the model runs in float64, as a high-precision reference does), and each op follows the MiniMax-M2 math of
+transformers' MiniMaxM2ForCausalLM. Other backends' tests call these functions
 directly as their oracle, so they take plain tensors (no backend state) and work on any device.
 """
 
@@ -15,9 +16,26 @@ import torch
 import torch.nn.functional as F
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of statistics and accumulations: fp32, or the input's own where it is finer (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# Rows of a stored-narrower weight widened at a time by `linear` (bounds the scratch to ~64 MB at M2's hidden size).
+_WIDEN_ROWS = 4096
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ w^T. A weight held narrower than x (cpu `weights: checkpoint`) is widened a block of rows at a
+    time: the same products as a weight converted at load, without a full-width copy of a 200k-row lm_head."""
+    if w.dtype == x.dtype:
+        return F.linear(x, w)
+    return torch.cat([F.linear(x, w[i:i + _WIDEN_ROWS].to(x.dtype)) for i in range(0, w.shape[0], _WIDEN_ROWS)], dim=-1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # As transformers does it: normalize in fp32, cast back to the input dtype, then scale by the weight.
-    xf = x.float()
+    xf = x.to(wide(x.dtype))
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
 
@@ -132,8 +150,8 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: list[int
 def route(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmoid scores; the correction bias only chooses the experts; weights are the chosen unbiased scores,
     renormalized to sum 1. All in fp32: bf16 here flips expert choices."""
-    scores = torch.sigmoid(router_logits.float())
-    ids = torch.topk(scores + bias.float(), top_k, dim=-1).indices
+    scores = torch.sigmoid(router_logits.to(wide(router_logits.dtype)))
+    ids = torch.topk(scores + bias.to(scores.dtype), top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
@@ -143,12 +161,21 @@ def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torc
             w2: torch.Tensor, first_expert: int = 0) -> torch.Tensor:
     """Routed SwiGLU experts: two grouped matmuls (one group per expert, pairs in expert order) run every
     expert's tokens in one call each, rounding as one linear per expert would. The stacks hold experts
-    first_expert.. of the layer (expert parallelism); pairs routed to other experts are skipped."""
-    inter = w2.shape[-1]
-    pairs = _ExpertPairs.of(ids - first_expert, w13.shape[0])
-    gate_up = _grouped_linear(x[pairs.token], w13, pairs.ends)
-    y = _grouped_linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2, pairs.ends)
-    return pairs.combine(y, weights, x.dtype)
+    first_expert.. of the layer (expert parallelism); pairs routed to other experts are skipped. A float64 run, or
+    a stack held narrower than x (cpu `weights: checkpoint`), which torch's grouped matmul takes neither of, runs
+    expert by expert, each expert's weights widened as it runs (the same products)."""
+    inter, local_ids = w2.shape[-1], ids - first_expert
+    if x.dtype == w13.dtype and x.dtype in _GROUPED_MM_DTYPES:
+        pairs = _ExpertPairs.of(local_ids, w13.shape[0])
+        gate_up = _grouped_linear(x[pairs.token], w13, pairs.ends)
+        y = _grouped_linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2, pairs.ends)
+        return pairs.combine(y, weights, x.dtype)
+
+    def expert_out(expert: int, tokens: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(x[tokens], w13[expert].to(x.dtype))
+        return F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2[expert].to(x.dtype))
+
+    return routed_sum(x, weights, local_ids, w13.shape[0], expert_out)
 
 
 def routed_sum(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
@@ -157,8 +184,10 @@ def routed_sum(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_ex
     matmul: expert_out(e, tokens) runs expert e on all its tokens at once and returns their outputs."""
     pairs = _ExpertPairs.of(ids, num_experts)
     bounds = [0, *pairs.ends.tolist()]
-    y = torch.cat([expert_out(e, pairs.token[bounds[e]:bounds[e + 1]]) for e in range(num_experts)
-                   if bounds[e + 1] > bounds[e]])
+    outs = [expert_out(e, pairs.token[bounds[e]:bounds[e + 1]]) for e in range(num_experts)
+            if bounds[e + 1] > bounds[e]]
+    # No pairs at all when every token chose experts another rank holds.
+    y = torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
     return pairs.combine(y, weights, x.dtype)
 
 
@@ -182,10 +211,15 @@ class _ExpertPairs:
         return cls(order, order // top_k, ends, num_tokens)
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The weighted sum of each token's expert outputs y [T * k, H] (sorted pairs), in fp32, rounded once."""
-        out = torch.zeros(self.num_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
-        out.index_add_(0, self.token, y.float() * weights.reshape(-1)[self.order, None].float())
+        """The weighted sum of each token's expert outputs y [T * k, H] (sorted pairs), in fp32 (float64 for
+        float64), rounded once."""
+        acc = wide(dtype)
+        out = torch.zeros(self.num_tokens, y.shape[-1], dtype=acc, device=y.device)
+        out.index_add_(0, self.token, y.to(acc) * weights.reshape(-1)[self.order, None].to(acc))
         return out.to(dtype)
+
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -200,11 +234,53 @@ def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> tor
 
 # ---- FP8 block dequantization (used by the loader and as the oracle for FP8 kernels) ------------------------------
 
+# Decoding e4m3 through float16: the byte's sign, exponent and mantissa bits, moved into float16's fields
+# (s eeee mmm -> s 0eeee mmm 0000000), read as float16 give exactly 2^-8 times the e4m3 value, subnormals
+# included (both formats' subnormals line up at that offset). float16 -> float32 is one vectorized instruction,
+# where torch's own float8 -> float32 cast is scalar and ~15x slower. The 2^8 is folded into the block scales.
+_E4M3_TO_F16_BITS = -16512  # int16 0xBF80: keeps the shifted sign and the exponent/mantissa bits
+_E4M3_IN_F16_SCALE = 256.0
+_E4M3_NAN_IN_F16 = 1.875
+_CHUNK_ELEMENTS = 1 << 19  # per thread: a cache-sized scratch, so the passes over a chunk stay in cache
+
+
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-                         dtype: torch.dtype) -> torch.Tensor:
+                         dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """W[i, j] = float(W_fp8[i, j]) * scale_inv[i // bn, j // bk], computed in fp32 and rounded once to dtype.
-    Works on [out, in] or stacked [..., out, in]; ragged tails of sizes that are not block multiples included."""
+
+    Works on [out, in] or stacked [..., out, in]; ragged tails of sizes that are not block multiples included. Writes
+    into `out` (any strides, e.g. a transposed view of a backend's layout) when given. Converts a few block rows at
+    a time, so besides `out` it allocates only a small scratch, whatever the size of the weight."""
     bn, bk = block
     rows, cols = weight.shape[-2:]
-    scale = scale_inv.float().repeat_interleave(bn, dim=-2)[..., :rows, :].repeat_interleave(bk, dim=-1)[..., :cols]
-    return (weight.float() * scale).to(dtype)
+    if out is None:
+        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    weights, scales, outs = weight.reshape(-1, rows, cols), scale_inv.reshape(-1, *scale_inv.shape[-2:]), out.view(-1, rows, cols)
+    chunk = max(1, _CHUNK_ELEMENTS // (bn * cols) * torch.get_num_threads()) * bn  # rows, a whole number of blocks
+    bits = torch.empty(min(chunk, rows), cols, dtype=torch.int16, device=weight.device)
+    values = torch.empty(min(chunk, rows), cols, dtype=torch.float32, device=weight.device)
+    for w, s, o in zip(weights, scales, outs):
+        # one fp32 scale per (block row, column), times the 2^8 of the float16 decoding (exact: a power of two)
+        col_scale = (s.float() * _E4M3_IN_F16_SCALE).repeat_interleave(bk, dim=-1)[:, :cols]
+        for r0 in range(0, rows, chunk):
+            n = min(chunk, rows - r0)
+            b, v = bits[:n], values[:n]
+            b.copy_(w[r0:r0 + n].view(torch.int8))  # sign-extends, so the shift below leaves the sign in bit 15
+            b.bitwise_left_shift_(7).bitwise_and_(_E4M3_TO_F16_BITS)
+            v.copy_(b.view(torch.float16))
+            _restore_nans(w[r0:r0 + n], v)
+            full = n // bn * bn
+            v[:full].view(-1, bn, cols).mul_(col_scale[r0 // bn:(r0 + full) // bn, None, :])
+            if full < n:  # a last block row shorter than bn
+                v[full:].mul_(col_scale[(r0 + full) // bn])
+            o[r0:r0 + n].copy_(v)
+    return out
+
+
+def _restore_nans(w: torch.Tensor, values: torch.Tensor) -> None:
+    """e4m3fn has no infinities and one NaN pattern per sign (0x7F, 0xFF), which the float16 decoding reads as
+    +-1.875, a magnitude no finite e4m3 value decodes to (448 reads as 1.75). One min/max pass over the decoded
+    chunk rules them out; only a chunk that has one pays for the mask."""
+    low, high = torch.aminmax(values)
+    if high.item() == _E4M3_NAN_IN_F16 or low.item() == -_E4M3_NAN_IN_F16:
+        values[(w.view(torch.uint8) & 0x7F) == 0x7F] = float("nan")

@@ -17,6 +17,7 @@ import httpx2
 
 from moerun.backends.errors import MoerunError
 from moerun.runtime import serve_bench
+from moerun.runtime.commands.common import FiniteFloat, check_output_path, write_atomically
 from moerun.runtime.table import format_table
 
 
@@ -84,11 +85,11 @@ async def _run(endpoint: str, api_key: str | None, model: str | None, workload_a
         model = model or await _served_model(client, endpoint)
         workload = serve_bench.Workload(model=model, **workload_args)
         url = api_url(endpoint, workload.api)
-        specs = serve_bench.build_requests(workload)
-        for spec in specs[:warmup]:  # untimed: lets a server compile or warm its caches first
+        for spec in serve_bench.build_requests(workload, "warmup", warmup):  # untimed: lets a server compile first
             await serve_bench.send_request(client, url, serve_bench.request_body(workload, spec))
         summaries = []
         for concurrency in levels:
+            specs = serve_bench.build_requests(workload, f"concurrency-{concurrency}")
             results, duration = await serve_bench.run_level(client, url, workload, specs, concurrency, rate)
             summary = serve_bench.summarize(results, duration, concurrency, rate)
             summaries.append(summary)
@@ -122,21 +123,25 @@ def report(summaries: list[dict[str, Any]]) -> str:
 @click.option("--num-requests", type=click.IntRange(1), default=100, show_default=True, help="Per level.")
 @click.option("--input-len", type=click.IntRange(1), default=128, show_default=True, help="Prompt words.")
 @click.option("--output-len", type=click.IntRange(1), default=128, show_default=True, help="max_tokens per request.")
-@click.option("--random-range-ratio", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--random-range-ratio", type=FiniteFloat(0, 1), default=0.0, show_default=True,
               help="Lengths uniform in [len*(1-r), len*(1+r)]; 0 keeps them fixed.")
 @click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
               help="Send ignore_eos and min_tokens so every request generates --output-len tokens.")
 @click.option("--extra-body", default=None, help="JSON object merged into every request body.")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed requests first.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+@click.option("--timeout", type=FiniteFloat(min=0, min_open=True), default=600.0, show_default=True,
               help="Seconds per request.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="JSON results file [bench_results/serve-<time>.json].")
+@click.option("--out", default=None, help="JSON results file [bench_results/serve-<time>.json].")
 def serve(endpoint, api_key, model, api, stream, concurrency, request_rate, num_requests, input_len, output_len,
           random_range_ratio, ignore_eos, extra_body, warmup, timeout, seed, out):
     """Throughput and latency of an OpenAI-compatible endpoint under load."""
     levels, rate = _levels(concurrency), _rate(request_rate)
+    if out:
+        out_path = check_output_path(out)
+    else:
+        out_path = Path("bench_results") / f"serve-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
     workload_args = dict(api=api, input_len=input_len, output_len=output_len, range_ratio=random_range_ratio,
                          num_requests=num_requests, seed=seed, stream=stream, ignore_eos=ignore_eos,
                          extra_body=_extra_body(extra_body))
@@ -149,7 +154,5 @@ def serve(endpoint, api_key, model, api, stream, concurrency, request_rate, num_
         "levels": summaries,
     }
     click.echo(report(summaries))
-    path = Path(out) if out else Path("bench_results") / f"serve-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(f"\nwrote {path}")
+    write_atomically(out_path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    click.echo(f"\nwrote {out_path}")

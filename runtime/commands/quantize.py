@@ -12,13 +12,15 @@ from moerun.backends.errors import MoerunError
 
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(KB|MB|GB)$", re.IGNORECASE)
 UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9}
+MAX_SHARD_BYTES = 1e12
 
 
 def parse_size(text: str) -> int:
     match = SIZE.match(text.strip())
-    if not match or float(match.group(1)) <= 0:
-        raise MoerunError(f"--max-shard-size: expected a positive size like 4GB or 500MB, got {text!r}")
-    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    size = float(match.group(1)) * UNITS[match.group(2).upper()] if match else 0.0
+    if not 1 <= size <= MAX_SHARD_BYTES:  # also the 400-digit number that float() makes infinite
+        raise MoerunError(f"--max-shard-size: expected a size from 1KB to 1000GB like 4GB or 500MB, got {text[:40]!r}")
+    return int(size)
 
 
 @click.command()

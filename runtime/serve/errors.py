@@ -90,3 +90,18 @@ def _field_path(loc: tuple) -> list[str]:
         elif part != "body" and re.fullmatch(r"[a-z_][a-z0-9_]*", part) and part not in _UNION_TAGS:
             path.append(part)
     return path
+
+
+def engine_refused(message: str) -> OpenAIError:
+    """A request the engine itself refuses (a token id outside the vocabulary, more KV blocks than the cache)."""
+    code = "context_length_exceeded" if message.startswith("This model's maximum context length") else None
+    return bad_request(message, code=code)
+
+
+def too_many_requests(limit: int) -> OpenAIError:
+    return OpenAIError(429, f"The server already has {limit} requests in flight (its limit); retry later.",
+                       type="requests", code="rate_limit_exceeded")
+
+
+def server_error(message: str, code: str | None = None) -> OpenAIError:
+    return OpenAIError(500, message, type="server_error", code=code)

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moerun.runtime.parsers import ChatOutputParser, ReasoningMode
 from moerun.runtime.parsers.reasoning import THINK_START
@@ -26,6 +26,16 @@ INT64 = (-(2**63), 2**63 - 1)
 
 # Template variables a client may not set through chat_template_kwargs: the server renders them itself.
 RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "add_generation_prompt"})
+
+
+def _no_reserved_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    clash = sorted(RESERVED_TEMPLATE_KWARGS & set(value or {}))
+    if clash:
+        raise ValueError(f"{', '.join(clash)} cannot be set here: the server renders them from the request")
+    return value
+
+
+TemplateKwargs = Annotated[dict[str, Any] | None, AfterValidator(_no_reserved_kwargs)]
 
 
 class _Model(BaseModel):
@@ -130,6 +140,7 @@ class _SamplingRequest(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM: logprobs name tokens "token_id:N" (exact for fidelity checks)
     user: str | None = None
 
     @field_validator("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
@@ -180,20 +191,12 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # accepted; M2 decides itself how many calls it makes
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs = None
     response_format: dict[str, Any] | None = None
     UNSUPPORTED = _SamplingRequest.UNSUPPORTED + (
         ("response_format", lambda v: v is not None and v.get("type") != "text",
          "response_format: only {'type': 'text'} is supported (no JSON mode or schema)"),
     )
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _no_reserved_kwargs(cls, value: dict | None) -> dict | None:
-        clash = sorted(RESERVED_TEMPLATE_KWARGS & set(value or {}))
-        if clash:
-            raise ValueError(f"{', '.join(clash)} cannot be set here: the server renders them from the request")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -269,6 +272,27 @@ class CompletionRequest(_SamplingRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+class TokenizeRequest(_Model):
+    """vLLM's /tokenize: a text prompt, or chat messages rendered with the template first."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: TemplateKwargs = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("give exactly one of prompt and messages", param="prompt")
+        return self
+
+
+class DetokenizeRequest(_Model):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 def parse_request(model: type[_Model], body: bytes | str) -> Any:

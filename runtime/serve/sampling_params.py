@@ -21,6 +21,7 @@ ENGINE_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
                    "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI's legacy API and vLLM
+SEED_MODULUS = 2**64  # OpenAI's seed is a signed int64, the engine's an unsigned 64-bit integer
 
 
 def sampling_kwargs(request: ChatCompletionRequest | CompletionRequest, prompt_tokens: int, max_model_len: int,
@@ -43,7 +44,8 @@ def sampling_kwargs(request: ChatCompletionRequest | CompletionRequest, prompt_t
     else:
         logprobs = request.logprobs
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
-    kwargs.update(seed=request.seed, stop=list(request.stop or []), stop_token_ids=list(request.stop_token_ids or []),
+    seed = None if request.seed is None else request.seed % SEED_MODULUS  # the same bits, read as unsigned
+    kwargs.update(seed=seed, stop=list(request.stop or []), stop_token_ids=list(request.stop_token_ids or []),
                   ignore_eos=request.ignore_eos, min_tokens=request.min_tokens, logprobs=logprobs,
                   prompt_logprobs=prompt_logprobs)
     return kwargs
