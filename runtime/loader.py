@@ -166,8 +166,10 @@ class WeightLoader:
         a float (backend.weight_dtype), else the model dtype (also for FP8 weights dequantized here)."""
         if t.kind in (ROUTER, ROUTER_BIAS):
             return self.router_dtype
-        if t.kind == LINEAR and not _fp8(self.cfg, t) and t.name in self.ckpt.file_of:
-            return self.backend.weight_dtype(TORCH_DTYPES[self.ckpt.dtype(t.name)])
+        # Counted before validate_checkpoint has looked at the stored dtypes (the memory check comes first).
+        stored = TORCH_DTYPES.get(self.ckpt.dtype(t.name)) if t.name in self.ckpt.file_of else None
+        if t.kind == LINEAR and not _fp8(self.cfg, t) and stored is not None and stored.is_floating_point:
+            return self.backend.weight_dtype(stored)
         return self.dtype
 
     # ---- planning: each tensor's destination, allocated once, and the tasks that fill it ------------------------
