@@ -20,8 +20,12 @@ CONFIG = {
 }
 
 
-def write_m27_config(folder: Path) -> Path:
-    """A folder holding only config.json: all `moerun plan` reads."""
+def write_m27_config(folder: Path, w8a8: bool = False) -> Path:
+    """A folder holding only config.json: all `moerun plan` reads. w8a8: as msModelSlim exports it (no
+    quantization_config, and a quant_model_description.json, whose presence is all the planner looks at)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    config = {k: v for k, v in CONFIG.items() if not (w8a8 and k == "quantization_config")}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if w8a8:
+        (folder / "quant_model_description.json").write_text("{}")
     return folder

@@ -16,6 +16,7 @@ DEVICES = {  # the machine each config is written for
     "m27_a3_16die_bf16.yaml": "910c-64g-die:16",
     "m27_2x_a2_bf16.yaml": "910b-64g:16",
     "m27_a2_bf16.yaml": "910b-64g:8",
+    "m27_a2_w8a8.yaml": "910b-64g:8",
     "m27_2x_h200_fp8.yaml": "h200-141g:2",
     "m27_4x_h100_fp8.yaml": "h100-80g:4",
 }
@@ -28,7 +29,7 @@ def test_every_m27_config_is_planned_here():
 def run_plan(name: str, tmp_path: Path, capsys, *args: str) -> tuple[int, list[str], list[str]]:
     """`moerun plan -c <shipped config> ARGS` -> (exit code, stdout lines, stderr lines)."""
     raw = yaml.safe_load((CONFIGS / name).read_text())
-    raw["model"]["path"] = str(write_m27_config(tmp_path / "MiniMax-M2.7"))
+    raw["model"]["path"] = str(write_m27_config(tmp_path / "MiniMax-M2.7", w8a8="w8a8" in name))
     config = tmp_path / name
     config.write_text(yaml.safe_dump(raw))
     code = main(["plan", "-c", str(config), *args])
@@ -48,7 +49,8 @@ def test_shipped_config_plans_and_its_layout_fits(name, tmp_path, capsys):
     chosen = [line for line in lines if line.startswith("*TP")]
     assert len(chosen) == 1 and chosen[0].split()[9] == "yes", "\n".join(lines)  # the fits column
     weights = next(line for line in lines if line.startswith("weights:"))
-    assert ("fp8" if "fp8" in name else "bfloat16 (the FP8 checkpoint dequantized at load") in weights
+    held = {"fp8": "fp8", "w8a8": "w8a8 (msModelSlim W8A8_DYNAMIC, run as int8 by the ascend backend)"}
+    assert held.get(name.split("_")[-1].removesuffix(".yaml"), "bfloat16 (the FP8 checkpoint dequantized at load") in weights
 
 
 def test_one_a2_node_in_w8a8_halves_the_weights(tmp_path, capsys):

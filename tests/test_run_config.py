@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from moerun.backends.errors import ConfigError
 from moerun.runtime.parallel_config import ParallelConfig
@@ -76,7 +77,16 @@ def test_errors_name_the_key_path(raw, message):
         parse_run_config(raw, Path("."))
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
 def test_shipped_configs_are_valid():
-    root = Path(__file__).resolve().parents[1] / "configs"
-    for path in sorted(root.glob("*.yaml")):
+    for path in sorted(CONFIGS.glob("*.yaml")):
         load_run_config(path)
+
+
+def test_the_a2_w8a8_config_is_one_a2_node():
+    run = load_run_config(CONFIGS / "m27_a2_w8a8.yaml")
+    assert run.backend == "ascend" and run.dtype == torch.bfloat16 and run.kv_block_size == 128
+    assert run.backend_options["emulate"] is False and run.kv_num_blocks is None and 0 < run.kv_memory_fraction <= 1
+    assert run.parallel == ParallelConfig(tensor_parallel_size=8, expert_parallel_size=8, init_timeout_s=1800)
