@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 
-
 from moerun.backends.base import Backend, get_backend_class
 from moerun.backends.errors import ConfigError, MoerunError, ResourceError
 from moerun.runtime import capacity

@@ -3,10 +3,10 @@ emulated Ascend backend: logits against transformers' MiniMaxM2ForCausalLM and a
 greedy generation identical to one device, a two-node launch on loopback, per-rank checkpoint reads of about 1/N,
 and a rank that dies or never joins ending the others with one line.
 
-Launches are few and shared across assertions (each rank starts a Python with torch): four `moerun logits`
-launches of 2 ranks (the issue's bar), one world of 4 running six layouts in one go (tests/parallel_worker.py),
-one `moerun serve` of 2 ranks, two torchruns of one node each for the loopback smoke, and two bare pairs of
-processes for the failures."""
+Launches are few and shared across assertions (each rank starts a Python with torch): two `moerun logits`
+launches of 2 ranks (the issue's bar: TP2 on cpu, EP2 on the emulated Ascend), one world of 4 running TP, EP and
+TP x EP on both backends in one go (tests/parallel_worker.py), one `moerun serve` of 2 ranks, two torchruns of
+one node each for the loopback smoke, and two bare pairs of processes for the failures."""
 
 from __future__ import annotations
 
@@ -53,11 +53,12 @@ def assert_same_logits(ours: np.ndarray, reference: np.ndarray, tolerance: float
     assert (ours.argmax(-1) == reference.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "ascend"])
-@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"expert_parallel_size": 2}], ids=["tp2", "ep2"])
+@pytest.mark.parametrize("backend,layout", [("cpu", {"tensor_parallel_size": 2}), ("ascend", {"expert_parallel_size": 2})],
+                         ids=["tp2-cpu", "ep2-ascend"])
 def test_torchrun_logits_match_transformers(backend, layout, hf_checkpoint, write_yaml, tmp_path):
     """`torchrun --nproc-per-node 2 -m moerun logits -c X.yaml`: transformers' logits within 1e-4 of the logit
-    scale, and the single-device run's within 1e-5, same argmax."""
+    scale, and the single-device run's within 1e-5, same argmax. Each layout and each backend once (a launch costs
+    seconds of CPU per rank); the world of four below runs every layout on both backends."""
     folder, model = hf_checkpoint("gqa4_half_rope", torch.float32)
     config = write_yaml(parallel_yaml(folder, backend, **layout), f"{backend}.yaml")
     out = tmp_path / "logits.npy"

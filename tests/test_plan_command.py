@@ -69,3 +69,13 @@ def test_pure_tp8_on_fp8_is_listed_as_refused(tmp_path, capsys):
 def test_bad_devices_is_one_line(tmp_path, capsys):
     code, _, err = run_plan("m27_4x_h100_fp8.yaml", tmp_path, capsys, "--devices", "a100:4")
     assert code == 2 and len(err) == 1 and "unknown device kind 'a100'" in err[0]
+
+
+def test_without_devices_it_plans_this_machine(tmp_path, capsys):
+    """No --devices: the config's backend reports its device (the host's memory for cpu), times the ranks the
+    layout needs (one here)."""
+    config = tmp_path / "demo.yaml"
+    config.write_text("backend: cpu\nmodel: {path: 'builtin:demo', dtype: float32}\n")
+    assert main(["plan", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "devices: 1 x cpu (" in out and "*TP1 x EP1" in out

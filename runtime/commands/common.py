@@ -82,7 +82,8 @@ def load_engine(target: Target | RunConfig | str | None, num_layers: int | None 
         engine.close()
         raise SystemExit(0)
     context = click.get_current_context(silent=True)
-    if context is not None:
+    # On one rank there is nothing to close, and the callback would keep the engine alive until the command ends.
+    if context is not None and engine.comm.world.size > 1:
         context.call_on_close(engine.close)
     return engine
 
