@@ -16,7 +16,7 @@ from moerun.runtime.kv_cache import PagedKVCache
 from moerun.runtime.loader import WeightLoader
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import load_model_config
-from moerun.runtime.run_config import BUILTIN_DEMO, RunConfig, load_run_config
+from moerun.runtime.run_config import BUILTIN_DEMO, BUILTIN_RANDOM_DEMO, RunConfig, load_run_config
 from moerun.runtime.sampling import SamplingParams, sample
 
 MAX_DECODE_BATCH = 256  # the largest decode batch a backend prepares for (device-graph buckets)
@@ -24,6 +24,10 @@ MAX_DECODE_BATCH = 256  # the largest decode batch a backend prepares for (devic
 
 def resolve_model_folder(model_path: str) -> Path:
     if model_path == BUILTIN_DEMO:
+        from moerun.runtime.trained_demo import trained_demo_folder
+
+        return trained_demo_folder()
+    if model_path == BUILTIN_RANDOM_DEMO:
         from moerun.runtime.demo import ensure_demo_checkpoint
 
         return ensure_demo_checkpoint()

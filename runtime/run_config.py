@@ -2,7 +2,8 @@
 
     backend: cpu                 # cpu | cuda | ascend
     model:
-      path: ./checkpoint         # HF folder; relative to this YAML file's folder; "builtin:demo" = the demo model
+      path: ./checkpoint         # HF folder, relative to this YAML file's folder; or builtin:demo (the trained
+                                 # demo shipped in the package) or builtin:random-demo (random weights, cached)
       dtype: float32             # float32 | bfloat16 | float16
       num_layers: null           # load only the first N decoder layers (smoke tests of huge checkpoints)
     kv_cache:
@@ -25,7 +26,9 @@ import yaml
 from moerun.backends.base import DTYPES, backend_names, get_backend_class
 from moerun.backends.errors import ConfigError
 
-BUILTIN_DEMO = "builtin:demo"
+BUILTIN_DEMO = "builtin:demo"  # the trained demo model shipped in the package (runtime/trained_demo.py)
+BUILTIN_RANDOM_DEMO = "builtin:random-demo"  # random weights in the same layout, built into the cache (runtime/demo.py)
+BUILTINS = (BUILTIN_DEMO, BUILTIN_RANDOM_DEMO)
 
 _TOP_KEYS = {"backend", "model", "kv_cache"}
 _MODEL_KEYS = {"path": str, "dtype": str, "num_layers": int}
@@ -35,7 +38,7 @@ _KV_KEYS = {"block_size": int, "num_blocks": int}
 @dataclasses.dataclass
 class RunConfig:
     backend: str
-    model_path: str  # a resolved folder, or BUILTIN_DEMO
+    model_path: str  # a resolved folder, or one of BUILTINS
     dtype: torch.dtype
     num_layers: int | None
     kv_block_size: int | None
@@ -76,9 +79,9 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
 
     model = _section(raw, "model", _MODEL_KEYS, source, required=True)
     if "path" not in model:
-        raise ConfigError(f"{source}: model.path: missing (an HF checkpoint folder, or {BUILTIN_DEMO})")
+        raise ConfigError(f"{source}: model.path: missing (an HF checkpoint folder, or one of {', '.join(BUILTINS)})")
     model_path = model["path"]
-    if model_path != BUILTIN_DEMO:
+    if model_path not in BUILTINS:
         p = Path(model_path).expanduser()
         model_path = str(p if p.is_absolute() else (base_dir / p).resolve())
     dtype_name = model.get("dtype", "bfloat16")

@@ -12,7 +12,8 @@ from moerun.runtime.commands.common import load_engine
 @click.command()
 @click.option("-c", "--config", type=str, default=None, help="YAML target (default: the embedded demo).")
 @click.option("-p", "--prompt", required=True, help="User message (rendered with the checkpoint's chat template).")
-@click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1), default=128, show_default=True,
+              help="M2 models reason before they answer: leave room for both.")
 @click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
