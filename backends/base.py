@@ -12,12 +12,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import itertools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
-from moerun.backends.errors import ConfigError
+from moerun.backends.errors import ConfigError, key_name, shown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,6 +31,10 @@ class Capabilities:
     # True: float8 tensors may be moved to the device and dequantized there (fast); else the loader dequantizes
     # on the host (a device that may not hold float8 tensors at all, e.g. Ascend A2/A3).
     dequantize_on_device: bool = False
+    # True: the backend executes W8A8_DYNAMIC weights itself (int8 weights, activations quantized per token at run
+    # time; prepare_* receive W8A8LinearWeight / W8A8ExpertWeights); else the loader dequantizes them to the model
+    # dtype (W = int8 x scale per output channel).
+    w8a8: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +76,27 @@ class ExpertWeights:
 
 
 @dataclasses.dataclass
+class W8A8LinearWeight:
+    """A W8A8_DYNAMIC linear (msModelSlim's format): int8 [out, in] weights, symmetric per output channel, so
+    W ~ weight * scale[:, None]; the input is quantized per token (symmetric int8) when the layer runs."""
+
+    weight: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # fp32 [out]
+
+
+@dataclasses.dataclass
+class W8A8ExpertWeights:
+    """All experts of one MoE layer in W8A8_DYNAMIC, stacked like ExpertWeights (gate w1 rows first in w13)."""
+
+    w13: torch.Tensor  # int8 [E, 2I, H]
+    w13_scale: torch.Tensor  # fp32 [E, 2I]
+    w2: torch.Tensor  # int8 [E, H, I]
+    w2_scale: torch.Tensor  # fp32 [E, H]
+
+
+@dataclasses.dataclass
 class AttentionMetadata:
-    """One forward step over a packed batch of sequences (prefill, decode, or a mix).
+    """One forward step over a packed batch of sequences (prefill, decode, or a mix), built once per step.
 
     Query tokens of all sequences are packed along one axis T. Sequence b owns query rows
     query_start_loc[b]:query_start_loc[b+1]; these are its last q_len tokens, so its
@@ -86,18 +110,22 @@ class AttentionMetadata:
     query_lens_host: list[int]  # host copies, for kernels that take lengths as lists
     seq_lens_host: list[int]
     block_size: int
+    query_start_loc_host: list[int] | None = None  # [B+1]; derived from query_lens_host when not given
+    max_query_len: int = dataclasses.field(init=False)
+    max_seq_len: int = dataclasses.field(init=False)
+    # What a backend derives from this step's metadata once and reuses in every layer (e.g. the CPU backend's
+    # attention index plan). Not copied by dataclasses.replace: a changed step derives afresh.
+    derived: dict[str, Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.query_start_loc_host is None:
+            self.query_start_loc_host = [0, *itertools.accumulate(self.query_lens_host)]
+        self.max_query_len = max(self.query_lens_host, default=0)
+        self.max_seq_len = max(self.seq_lens_host, default=0)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
-
-    @property
-    def max_query_len(self) -> int:
-        return max(self.query_lens_host)
-
-    @property
-    def max_seq_len(self) -> int:
-        return max(self.seq_lens_host)
 
     @property
     def is_decode(self) -> bool:
@@ -125,10 +153,10 @@ class Backend(abc.ABC):
         for key, value in options.items():
             if key not in cls.default_options:
                 allowed = ", ".join(sorted(cls.default_options)) or "none"
-                raise ConfigError(f"{key_path}.{key}: unknown key (allowed: {allowed})")
+                raise ConfigError(f"{key_path}.{key_name(key)}: unknown key (allowed: {allowed})")
             default = cls.default_options[key]
             if not _same_kind(value, default):
-                raise ConfigError(f"{key_path}.{key}: expected {type(default).__name__}, got {value!r}")
+                raise ConfigError(f"{key_path}.{key}: expected {type(default).__name__}, got {shown(value)}")
         return {**cls.default_options, **options}
 
     @property
@@ -155,11 +183,21 @@ class Backend(abc.ABC):
 
     # ---- weights -----------------------------------------------------------------------------------------------
     def prepare_linear(self, w: LinearWeight) -> Any:
-        """Move a linear weight to the device in the layout `linear` expects."""
+        """Move a linear weight to the device in the layout `linear` expects (a W8A8LinearWeight too when
+        capabilities.w8a8)."""
         return w.weight.to(self.device)
 
+    def empty_experts(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
+                      device: torch.device) -> ExpertWeights:
+        """Uninitialized stacks for one layer's experts, w13 [E, 2I, H] and w2 [E, H, I], which the loader fills
+        expert by expert and then hands to prepare_experts. A backend whose kernels want another memory layout
+        returns views of tensors in that layout, so that prepare_experts gets it without a second copy."""
+        return ExpertWeights(w13=torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype, device=device),
+                             w2=torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device))
+
     def prepare_experts(self, w: ExpertWeights) -> Any:
-        """Move one layer's stacked experts (built on the host) to the device in the layout `experts` expects."""
+        """Move one layer's stacked experts (built on the host) to the device in the layout `experts` expects
+        (W8A8ExpertWeights too when capabilities.w8a8)."""
         return dataclasses.replace(w, w13=w.w13.to(self.device), w2=w.w2.to(self.device))
 
     # ---- KV cache ----------------------------------------------------------------------------------------------
@@ -249,6 +287,6 @@ def backend_names() -> list[str]:
 
 def get_backend_class(name: str) -> type[Backend]:
     if name not in _REGISTRY:
-        raise ConfigError(f"backend: unknown backend {name!r} (allowed: {', '.join(backend_names())})")
+        raise ConfigError(f"backend: unknown backend {shown(name)} (allowed: {', '.join(backend_names())})")
     module_name, class_name = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)

@@ -1,6 +1,6 @@
 """`moerun bench`: decode and prefill speed of a synthetic MiniMax-M2 on the backend a YAML file picks, with the
 achieved fraction of the device's memory bandwidth (MBU) and of its matmul throughput (MFU), measured in the same
-run, and optionally transformers' MiniMaxM2ForCausalLM on the same weights and inputs.
+run, and optionally transformers' MiniMaxM2ForCausalLM on the same weights and token ids (runtime/bench_transformers.py).
 
 The model has the real layer dimensions (hidden 3072, 48 query / 8 kv heads of 128, 256 experts of 1536, top-8,
 vocab 200064) and random weights, built in memory (no checkpoint), with as many layers as fit on the device (or
@@ -8,8 +8,10 @@ vocab 200064) and random weights, built in memory (no checkpoint), with as many 
 not read. `--small` (automatic on CPU devices) shrinks every dimension so the whole run takes seconds.
 
 Definitions (docs/performance.md has the long form):
-- decode step: one forward of B sequences that each add one token at context C, plus their logits; inputs
-  prebuilt, timed from launch to synchronize; the median of --steps runs after --warmup runs.
+- decode step: one forward of B sequences that each add one token at position C, plus their logits, after each
+  sequence's C seeded context tokens were prefilled into the cache; inputs prebuilt, timed from launch to
+  synchronize; the median (and min, max) of --steps runs after --warmup runs, interleaved run by run with every
+  other measurement of that batch (the eager forward, transformers' variants).
 - MBU = bytes the step must read / step time / copy bandwidth. Bytes: per layer the attention projections, norms
   and router, the experts actually routed to in that step (counted from the step's routing), and the K/V of every
   sequence's context; plus the final norm, the lm_head and the B embedding rows. Copy bandwidth: a large
@@ -25,6 +27,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -39,12 +42,16 @@ import torch
 
 from moerun.backends.base import Backend, ExpertWeights, LinearWeight, ModelSpec, get_backend_class
 from moerun.backends.cpu.ops import dequantize_fp8_block
-from moerun.runtime.batch import Sequence, build_step
+from moerun.runtime.commands.common import check_output_path, write_atomically
 from moerun.backends.errors import MoerunError
-from moerun.runtime.kv_cache import PagedKVCache
+from moerun.runtime.bench_transformers import VARIANTS, TransformersPeer
+from moerun.runtime.commands.bench_serve import serve
+from moerun.runtime.kv_cache import allocate_kv_caches
+from moerun.runtime.m2_tensors import LINEAR, NORM, ROUTER, layer_prefix, layer_tensors, model_tensors
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.run_config import RunConfig, load_run_config
+from moerun.runtime.step_builder import StepBuilder, StepSequence
 from moerun.runtime.table import format_table
 from moerun.runtime.weights import LayerWeights, ModelWeights
 
@@ -137,33 +144,26 @@ class SyntheticWeights:
         return w
 
     def layer(self, i: int) -> LayerWeights:
-        cfg, p = self.cfg, f"model.layers.{i}"
-        h, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        layer = LayerWeights(
-            input_norm=self.norm(f"{p}.input_layernorm.weight", h),
-            q_proj=self.linear(f"{p}.self_attn.q_proj.weight", q_dim, h),
-            k_proj=self.linear(f"{p}.self_attn.k_proj.weight", kv_dim, h),
-            v_proj=self.linear(f"{p}.self_attn.v_proj.weight", kv_dim, h),
-            o_proj=self.linear(f"{p}.self_attn.o_proj.weight", h, q_dim),
-            q_norm=self.norm(f"{p}.self_attn.q_norm.weight", q_dim),
-            k_norm=self.norm(f"{p}.self_attn.k_norm.weight", kv_dim),
-            post_attention_norm=self.norm(f"{p}.post_attention_layernorm.weight", h),
-            router=self._normal((cfg.num_experts, h), h ** -0.5, torch.float32),
-            router_bias=self._normal((cfg.num_experts,), 0.01, torch.float32),
-            experts=self.experts(p))
-        self.hf[f"{p}.mlp.gate.weight"], self.hf[f"{p}.mlp.e_score_correction_bias"] = layer.router, layer.router_bias
-        return layer
+        fields = {}
+        for field, t in layer_tensors(self.cfg, i).items():
+            if t.kind == NORM:
+                fields[field] = self.norm(t.name, t.shape[0])
+            elif t.kind == LINEAR:
+                fields[field] = self.linear(t.name, *t.shape)
+            else:  # the fp32 router gate and its bias, kept under transformers' names (mlp.gate, ...)
+                std = self.cfg.hidden_size ** -0.5 if t.kind == ROUTER else 0.01
+                fields[field] = self.hf[t.name.replace("block_sparse_moe", "mlp")] = self._normal(t.shape, std, torch.float32)
+        return LayerWeights(**fields, experts=self.experts(layer_prefix(i)))
 
     def model(self, progress: Callable[[], None]) -> ModelWeights:
         layers = []
         for i in range(self.cfg.num_layers):
             layers.append(self.layer(i))
             progress()
-        embed = self._normal((self.cfg.vocab_size, self.cfg.hidden_size), 1.0)
-        self.hf["model.embed_tokens.weight"] = embed
-        lm_head = self._normal((self.cfg.vocab_size, self.cfg.hidden_size), self.cfg.hidden_size ** -0.5)
-        self.hf["lm_head.weight"] = lm_head
-        return ModelWeights(embed=embed, layers=layers, norm=self.norm("model.norm.weight", self.cfg.hidden_size),
+        outer = model_tensors(self.cfg)
+        embed = self.hf[outer["embed"].name] = self._normal(outer["embed"].shape, 1.0)
+        lm_head = self.hf[outer["lm_head"].name] = self._normal(outer["lm_head"].shape, self.cfg.hidden_size ** -0.5)
+        return ModelWeights(embed=embed, layers=layers, norm=self.norm(outer["norm"].name, self.cfg.hidden_size),
                             lm_head=self.backend.prepare_linear(LinearWeight(lm_head)))
 
 
@@ -180,18 +180,42 @@ def nbytes(obj: Any) -> int:
 
 # ---- timing and the two device probes --------------------------------------------------------------------------
 
+Step = Callable[[], Any] | tuple[Callable[[], Any], Callable[[], Any]]  # run, or (run, untimed reset after it)
+
+
+def time_interleaved(steps: dict[str, Step], backend: Backend, warmup: int, runs: int) -> dict[str, list[float]]:
+    """Seconds of every run of each step, from launch to synchronize. After `warmup` untimed rounds, `runs` rounds
+    each run every step once, in alternating order (A B, B A, A B, ...), so whatever drifts during the measurement
+    (clocks, caches, other processes) falls on all steps alike and no step always follows the same other. A step's
+    reset (rewinding a cache so the next run does the same work) runs after the clock stops."""
+    pairs = {name: step if isinstance(step, tuple) else (step, lambda: None) for name, step in steps.items()}
+    names = list(pairs)
+    for _ in range(warmup):
+        for name in names:
+            run, reset = pairs[name]
+            run()
+            reset()
+    backend.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(runs):
+        for name in names if r % 2 == 0 else reversed(names):
+            run, reset = pairs[name]
+            t0 = time.perf_counter()
+            run()
+            backend.synchronize()
+            times[name].append(time.perf_counter() - t0)
+            reset()
+    return times
+
+
 def time_runs(fn: Callable[[], Any], backend: Backend, warmup: int, runs: int) -> float:
     """Median seconds of fn from launch to synchronize, after warmup runs."""
-    for _ in range(warmup):
-        fn()
-    backend.synchronize()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        backend.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_interleaved({"fn": fn}, backend, warmup, runs)["fn"])
+
+
+def spread(seconds: list[float]) -> dict[str, float]:
+    return {"median_ms": statistics.median(seconds) * 1e3, "min_ms": min(seconds) * 1e3, "max_ms": max(seconds) * 1e3,
+            "samples": len(seconds)}
 
 
 def copy_bandwidth(backend: Backend, size: int) -> float:
@@ -250,6 +274,51 @@ def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
     return cfg.num_layers * (2 * tokens * params + attention) + 2 * h * cfg.vocab_size
 
 
+class OwnSteps:
+    """moerun's side of a measurement: the KV cache storage and the packed inputs of each step, sequence i owning
+    blocks i*n .. (i+1)*n - 1 (n blocks hold context + 1 tokens; the prompt owns the first blocks). The only code of
+    the bench that knows the engine's step builder and cache storage."""
+
+    CONTEXT_CHUNK_TOKENS = 16384  # the untimed context prefill runs in steps of at most this many tokens
+
+    def __init__(self, backend: Backend, cfg: ModelConfig, plan: Plan, block_size: int) -> None:
+        self.block_size = block_size
+        self.blocks_per_seq = -(-(plan.context + 1) // block_size)
+        prefill_blocks = -(-plan.prefill_tokens // block_size)
+        max_batch = max(plan.batches)
+        self.kv_caches = allocate_kv_caches(backend, cfg.num_layers, max(max_batch * self.blocks_per_seq, prefill_blocks),
+                                            block_size, cfg.num_kv_heads, cfg.head_dim)
+        max_tokens = max(min(self.CONTEXT_CHUNK_TOKENS, max_batch * plan.context), max_batch, plan.prefill_tokens)
+        self.builder = StepBuilder(backend.device, block_size, max_tokens, max_batch,
+                                   max(self.blocks_per_seq, prefill_blocks))
+
+    def _blocks(self, i: int) -> range:
+        return range(i * self.blocks_per_seq, (i + 1) * self.blocks_per_seq)
+
+    def fill(self, model: MiniMaxM2Model, context_ids: torch.Tensor) -> None:
+        """Prefill each row of context_ids [B, C] into its sequence's blocks (untimed)."""
+        rows = context_ids.tolist()
+        chunk = max(1, self.CONTEXT_CHUNK_TOKENS // len(rows))
+        for start in range(0, len(rows[0]), chunk):
+            inputs = self.builder.build([StepSequence(row[start:start + chunk], start, self._blocks(i))
+                                         for i, row in enumerate(rows)], [0])
+            model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+
+    def decode_inputs(self, next_ids: torch.Tensor, context: int):
+        """The step adding next_ids[b] to sequence b at position C (it rewrites that slot each time it runs)."""
+        seqs = [StepSequence([token], context, self._blocks(i)) for i, token in enumerate(next_ids.tolist())]
+        return self.builder.build(seqs, list(range(len(seqs))))
+
+    def prompt(self, prompt_ids: torch.Tensor):
+        """The step that prefills the whole prompt from position 0, and the last token's logits."""
+        tokens = prompt_ids.numel()
+        return self.builder.build([StepSequence(prompt_ids.tolist(), 0, range(-(-tokens // self.block_size)))],
+                                  [tokens - 1])
+
+
+PEER = "transformers "  # prefix of the peer's step names in a measurement
+
+
 class Bench:
     def __init__(self, run: RunConfig, backend: Backend, plan: Plan, seed: int, progress: Callable[[], None]) -> None:
         self.plan = plan
@@ -258,7 +327,6 @@ class Bench:
         self.cfg = cfg = model_config(SMALL if plan.small else M2, plan.layers)
         backend.check_model(_spec(cfg, run.dtype, self.block_size, plan.fp8))
         self.seed = seed
-        self.gen = torch.Generator().manual_seed(seed)
         self.copy_bw = copy_bandwidth(backend, 64 << 20 if plan.small else 2 * GiB)
         progress()
         self.matmul = matmul_flops(backend, 512 if plan.small else 8192)
@@ -266,124 +334,101 @@ class Bench:
         self.synthetic = SyntheticWeights(cfg, backend, plan.fp8, seed)
         self.model = MiniMaxM2Model(cfg, self.synthetic.model(progress), backend)
         self.max_seq = plan.context + 1
-        decode_blocks = max(plan.batches) * -(-self.max_seq // self.block_size)
-        prefill_blocks = -(-plan.prefill_tokens // self.block_size)
-        self.cache = PagedKVCache(backend, plan.layers, max(decode_blocks, prefill_blocks), self.block_size,
-                                  cfg.num_kv_heads, cfg.head_dim)
-        self.decode_forward = backend.decode_runner(self.model.forward, max(plan.batches),
-                                                    -(-self.max_seq // self.block_size))
+        self.own = OwnSteps(backend, cfg, plan, self.block_size)
+        self.decode_forward = backend.decode_runner(self.model.forward, max(plan.batches), self.own.blocks_per_seq)
 
-    def _tokens(self, n: int) -> list[int]:
-        return torch.randint(0, self.cfg.vocab_size, (n,), generator=self.gen).tolist()
+    def token_ids(self, shape: tuple[int, ...], salt: int) -> torch.Tensor:
+        """Seeded token ids, the same for moerun and its peer (salt: one stream per measurement)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+        return torch.randint(0, self.cfg.vocab_size, shape, generator=gen)
+
+    def _step(self, forward: Callable[..., torch.Tensor], inputs) -> Callable[[], torch.Tensor]:
+        return lambda: self.model.compute_logits(
+            forward(inputs.input_ids, inputs.positions, inputs.meta, self.own.kv_caches)[inputs.logits_rows])
 
     @torch.inference_mode()
-    def decode(self, batch: int) -> dict[str, Any]:
+    def decode(self, batch: int, peer: TransformersPeer | None) -> dict[str, Any]:
+        """B sequences whose C-token context was prefilled into each side's cache, then one token each at position
+        C, timed interleaved: moerun's decode runner (CUDA graphs where on), its eager forward when that differs,
+        and the peer's variants."""
         plan, backend, model = self.plan, self.backend, self.model
-        seqs = [Sequence(self._tokens(self.max_seq), num_cached=plan.context) for _ in range(batch)]
-        try:
-            inputs = build_step(seqs, self.cache, backend.device)  # one new token per sequence at position C
-
-            def step(forward=self.decode_forward):
-                hidden = forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache.layers)
-                return model.compute_logits(hidden[inputs.last_token_rows])
-
-            distinct = count_routed_experts(backend, lambda: step(model.forward))
-            counted = distinct is not None
-            if not counted:
-                expected = self.cfg.num_experts * (1 - (1 - self.cfg.top_k / self.cfg.num_experts) ** batch)
-                distinct = [round(expected)] * self.cfg.num_layers
-            seconds = time_runs(step, backend, plan.warmup, plan.steps)
-        finally:
-            for seq in seqs:
-                self.cache.release(seq.block_table)
+        ids = self.token_ids((batch, plan.context + 1), salt=batch)
+        self.own.fill(model, ids[:, :-1])
+        inputs = self.own.decode_inputs(ids[:, -1], plan.context)
+        distinct = count_routed_experts(backend, self._step(model.forward, inputs))
+        counted = distinct is not None
+        if not counted:
+            expected = self.cfg.num_experts * (1 - (1 - self.cfg.top_k / self.cfg.num_experts) ** batch)
+            distinct = [round(expected)] * self.cfg.num_layers
+        steps = {"moerun": self._step(self.decode_forward, inputs)}
+        if self.decode_forward != model.forward:  # CUDA graphs on: time the plain forward too
+            steps["moerun eager"] = self._step(model.forward, inputs)
+        if peer is not None:
+            steps |= {PEER + v: s for v, s in peer.decode_steps(ids[:, :-1], ids[:, -1]).items()}
+        times = time_interleaved(steps, backend, plan.warmup, plan.steps)
+        agreement = logits_agreement(steps)
+        seconds = statistics.median(times["moerun"])
         kv_elem = torch.empty((), dtype=backend.dtype).element_size()
         read = decode_bytes(model, distinct, [self.max_seq] * batch, kv_elem)
-        return {"batch": batch, "context": plan.context, "step_ms": seconds * 1e3, "tokens_per_s": batch / seconds,
-                "distinct_experts_per_layer": statistics.mean(distinct), "experts_counted": counted,
-                "bytes_per_step": read, "achieved_bytes_per_s": read / seconds, "mbu": read / seconds / self.copy_bw}
+        row = {"batch": batch, "context": plan.context, "step_ms": seconds * 1e3, "tokens_per_s": batch / seconds,
+               "moerun": spread(times["moerun"]), "distinct_experts_per_layer": statistics.mean(distinct),
+               "experts_counted": counted, "bytes_per_step": read, "achieved_bytes_per_s": read / seconds,
+               "mbu": read / seconds / self.copy_bw}
+        if "moerun eager" in times:
+            row["moerun_eager"] = spread(times["moerun eager"])
+        return row | compare_peer(times, seconds, agreement)
 
     @torch.inference_mode()
-    def prefill(self) -> dict[str, Any]:
+    def prefill(self, peer: TransformersPeer | None) -> dict[str, Any]:
+        """One prompt of P tokens into an empty cache (moerun rewrites the same blocks each run), plus the last
+        token's logits; interleaved with the peer's variants."""
         plan, backend, model = self.plan, self.backend, self.model
-        seq = Sequence(self._tokens(plan.prefill_tokens))
-        try:
-            inputs = build_step([seq], self.cache, backend.device)
-
-            def step():
-                hidden = model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.cache.layers)
-                return model.compute_logits(hidden[inputs.last_token_rows])
-
-            seconds = time_runs(step, backend, max(1, plan.warmup // 2), max(2, plan.steps // 4))
-        finally:
-            self.cache.release(seq.block_table)
+        prompt = self.token_ids((plan.prefill_tokens,), salt=0)
+        inputs = self.own.prompt(prompt)
+        steps = {"moerun": self._step(model.forward, inputs)}
+        if peer is not None:
+            steps |= {PEER + v: s for v, s in peer.prefill_steps(prompt).items()}
+        times = time_interleaved(steps, backend, plan.warmup // 2, max(1, plan.steps // 2))
+        agreement = logits_agreement(steps)
+        seconds = statistics.median(times["moerun"])
         flops = prefill_flops(self.cfg, plan.prefill_tokens)
-        return {"tokens": plan.prefill_tokens, "ms": seconds * 1e3, "tokens_per_s": plan.prefill_tokens / seconds,
-                "flops": flops, "flops_per_s": flops / seconds, "mfu": flops / seconds / self.matmul}
+        row = {"tokens": plan.prefill_tokens, "ms": seconds * 1e3, "tokens_per_s": plan.prefill_tokens / seconds,
+               "moerun": spread(times["moerun"]), "flops": flops, "flops_per_s": flops / seconds,
+               "mfu": flops / seconds / self.matmul}
+        return row | compare_peer(times, seconds, agreement)
 
 
-# ---- transformers on the same weights ---------------------------------------------------------------------------
+def logits_agreement(steps: dict[str, Step]) -> dict[str, float]:
+    """Each peer variant's logits against moerun's for the same step, max |difference| / max |logit|, untimed:
+    near zero (float32) or a few bf16 ulps shows both sides did the same work on the same token ids."""
+    peers = {n: s for n, s in steps.items() if n.startswith(PEER)}
+    if not peers:
+        return {}
+    ours = steps["moerun"]().float()
+    out = {}
+    for name, (run, reset) in peers.items():
+        theirs = run().float().reshape(ours.shape)
+        reset()
+        out[name.removeprefix(PEER)] = ((theirs - ours).abs().max() / ours.abs().max()).item()
+    return out
 
-class TransformersModel:
-    """transformers' MiniMaxM2ForCausalLM holding the very tensors of the synthetic model (no copy): sdpa attention,
-    its grouped_mm experts where available, a DynamicCache filled with zeros to the context length."""
 
-    def __init__(self, bench: Bench) -> None:
-        from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
-        from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2RotaryEmbedding
-
-        cfg, device = bench.cfg, bench.backend.device
-        self.device, self.cfg, self.backend = device, cfg, bench.backend
-        hf_cfg = MiniMaxM2Config(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, num_local_experts=cfg.num_experts,
-            num_experts_per_tok=cfg.top_k, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
-            max_position_embeddings=cfg.max_position_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-            tie_word_embeddings=False)
-        hf_cfg._attn_implementation = "sdpa"
-        with torch.device("meta"):
-            model = MiniMaxM2ForCausalLM(hf_cfg)
-        model.load_state_dict(bench.synthetic.hf, strict=True, assign=True)
-        model.model.rotary_emb = MiniMaxM2RotaryEmbedding(hf_cfg).to(device)  # non-persistent buffers
-        self.experts_implementation = "eager"
-        try:
-            model.set_experts_implementation("grouped_mm")
-            self.experts_implementation = "grouped_mm"
-        except Exception:  # noqa: BLE001 - older transformers or torch: keep its eager loop
-            pass
-        self.model = model.eval()
-
-    @torch.inference_mode()
-    def decode(self, batch: int, context: int, warmup: int, steps: int) -> float:
-        from transformers import DynamicCache
-
-        cfg = self.cfg
-        cache = DynamicCache(config=self.model.config)
-        zeros = torch.zeros(batch, cfg.num_kv_heads, context, cfg.head_dim, dtype=self.backend.dtype, device=self.device)
-        for layer in range(cfg.num_layers):
-            cache.update(zeros, zeros, layer)
-        ids = torch.randint(0, cfg.vocab_size, (batch, 1), device=self.device)
-        positions = torch.full((batch, 1), context, device=self.device)
-
-        def step():
-            out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache.crop(-1)  # drop the token just added: every timed step decodes at the same context
-            return out.logits
-
-        return time_runs(step, self.backend, warmup, steps)
-
-    @torch.inference_mode()
-    def prefill(self, tokens: int, warmup: int, steps: int) -> float:
-        ids = torch.randint(0, self.cfg.vocab_size, (1, tokens), device=self.device)
-        return time_runs(lambda: self.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits,
-                         self.backend, warmup, steps)
+def compare_peer(times: dict[str, list[float]], seconds: float, agreement: dict[str, float]) -> dict[str, Any]:
+    """The peer's variants, its fastest by median, and our speedup over that one."""
+    variants = {name.removeprefix(PEER): spread(t) | {"logits_rel_diff": agreement[name.removeprefix(PEER)]}
+                for name, t in times.items() if name.startswith(PEER)}
+    if not variants:
+        return {}
+    fastest = min(variants, key=lambda v: variants[v]["median_ms"])
+    return {"transformers": variants, "transformers_fastest": fastest,
+            "speedup": variants[fastest]["median_ms"] / (seconds * 1e3)}
 
 
 # ---- sizing, report ------------------------------------------------------------------------------------------------
 
 def fit_layers(dims: dict[str, int], backend: Backend, plan: Plan, block_size: int) -> tuple[int, str]:
     """As many layers as the device's free memory holds with the KV cache for the largest batch (and transformers'
-    own cache with --compare), keeping room for activations. (layers, how it was decided)."""
+    two caches, dynamic and static, with --compare), keeping room for activations. (layers, how it was decided)."""
     free = backend.device_info()["memory_free"]
     if free is None:
         return (dims["num_layers"] if plan.small else 2), "default (device memory unknown)"
@@ -395,7 +440,7 @@ def fit_layers(dims: dict[str, int], backend: Backend, plan: Plan, block_size: i
     tokens = max(max(plan.batches) * -(-(plan.context + 1) // block_size) * block_size, plan.prefill_tokens)
     kv = 2 * kv_dim * elem * tokens
     if plan.compare:
-        kv += 2 * kv_dim * elem * max(plan.batches) * (plan.context + 1)
+        kv += 2 * 2 * kv_dim * elem * max(max(plan.batches) * (plan.context + 1), plan.prefill_tokens)
     reserve = 2 * v * h * elem + 6 * GiB + free // 20
     layers = int((free - reserve) // (weights + kv))
     if layers < 1:
@@ -404,37 +449,69 @@ def fit_layers(dims: dict[str, int], backend: Backend, plan: Plan, block_size: i
     return min(layers, dims["num_layers"]), f"fit in {free / GiB:.1f} GiB free"
 
 
+def _range(s: dict[str, float]) -> str:
+    return f"{s['min_ms']:.3f}-{s['max_ms']:.3f}"
+
+
 def report(result: dict[str, Any]) -> str:
-    m = result["machine"]
+    m, model = result["machine"], result["model"]
     lines = [f"moerun bench  {result['date']}  {result['command']}",
              f"device: {m['device']}  backend: {m['backend']}",
-             f"model: {result['model']['name']}, {result['model']['layers']} of {result['model']['full_layers']} layers "
-             f"({result['model']['layers_reason']}), weights {result['model']['weights']}, dtype {result['model']['dtype']}",
+             f"host: {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, load average {m['load_average'][0]:.2f} "
+             f"at start, {m['load_average_end'][0]:.2f} at end",
+             f"model: {model['name']}, {model['layers']} of {model['full_layers']} layers ({model['layers_reason']}), "
+             f"weights {model['weights']}, dtype {model['dtype']}",
              f"copy bandwidth {m['copy_bandwidth_gb_s']:.1f} GB/s (read + write)   "
-             f"{result['model']['dtype']} matmul {m['matmul_tflops']:.4g} TFLOP/s", ""]
-    compare = result.get("transformers")
-    headers = ["batch", "context", "step ms", "tok/s", "experts/layer", "GB/step", "GB/s", "MBU"]
-    if compare:
-        headers += ["hf step ms", "hf tok/s", "speedup"]
+             f"{model['dtype']} matmul {m['matmul_tflops']:.4g} TFLOP/s",
+             f"each figure: the median of {result['plan']['steps']} interleaved runs (min-max beside it)", ""]
+    decode = result["decode"]
+    eager = any("moerun_eager" in d for d in decode)
+    compare = "transformers" in result
+    headers = ["batch", "context", "step ms", "min-max", "tok/s", "experts/layer", "GB/step", "GB/s", "MBU"]
+    headers += ["eager ms"] if eager else []
+    headers += ["hf fastest", "hf step ms", "hf min-max", "speedup"] if compare else []
     rows = []
-    for d in result["decode"]:
-        row = [d["batch"], d["context"], f"{d['step_ms']:.3f}", f"{d['tokens_per_s']:.1f}",
+    for d in decode:
+        row = [d["batch"], d["context"], f"{d['step_ms']:.3f}", _range(d["moerun"]), f"{d['tokens_per_s']:.1f}",
                f"{d['distinct_experts_per_layer']:.1f}" + ("" if d["experts_counted"] else " (expected)"),
                f"{d['bytes_per_step'] / 1e9:.3f}", f"{d['achieved_bytes_per_s'] / 1e9:.1f}", f"{100 * d['mbu']:.1f}%"]
-        if compare:
-            hf = next(x for x in compare["decode"] if x["batch"] == d["batch"])
-            row += [f"{hf['step_ms']:.3f}", f"{hf['tokens_per_s']:.1f}", f"{d['tokens_per_s'] / hf['tokens_per_s']:.2f}x"]
+        row += [f"{d['moerun_eager']['median_ms']:.3f}" if "moerun_eager" in d else "-"] if eager else []
+        row += _peer_cells(d) if compare else []
         rows.append(row)
-    lines += ["decode", format_table(headers, rows, align="right"), ""]
+    lines += ["decode" + ("  (step ms: the decode runner, CUDA graphs where on; eager ms: the plain forward)"
+                          if eager else ""), format_table(headers, rows, align="right"), ""]
     p = result["prefill"]
-    headers = ["tokens", "ms", "tok/s", "TFLOP", "TFLOP/s", "MFU"]
-    row = [p["tokens"], f"{p['ms']:.2f}", f"{p['tokens_per_s']:.1f}", f"{p['flops'] / 1e12:.4g}",
-           f"{p['flops_per_s'] / 1e12:.4g}", f"{100 * p['mfu']:.1f}%"]
+    if p:
+        headers = ["tokens", "ms", "min-max", "tok/s", "TFLOP", "TFLOP/s", "MFU"]
+        row = [p["tokens"], f"{p['ms']:.2f}", _range(p["moerun"]), f"{p['tokens_per_s']:.1f}",
+               f"{p['flops'] / 1e12:.4g}", f"{p['flops_per_s'] / 1e12:.4g}", f"{100 * p['mfu']:.1f}%"]
+        if compare:
+            headers += ["hf fastest", "hf ms", "hf min-max", "speedup"]
+            row += _peer_cells(p)
+        lines += ["prefill", format_table(headers, [row], align="right")]
     if compare:
-        headers += ["hf ms", "speedup"]
-        row += [f"{compare['prefill']['ms']:.2f}", f"{compare['prefill']['ms'] / p['ms']:.2f}x"]
-    lines += ["prefill", format_table(headers, [row], align="right")]
+        hf = result["transformers"]
+        variants = [v for v in hf["variants"] if v not in hf["missing"]]
+
+        def cells(row: dict[str, Any]) -> list[str]:
+            timed = row.get("transformers", {})
+            diff = max((t["logits_rel_diff"] for t in timed.values()), default=None)
+            return [*(f"{timed[v]['median_ms']:.3f}" if v in timed else "-" for v in variants),
+                    "-" if diff is None else f"{diff:.1e}"]
+
+        rows = [[d["batch"], *cells(d)] for d in decode] + ([[f"prefill {p['tokens']}", *cells(p)]] if p else [])
+        lines += ["", f"transformers {hf['version']} by variant (median ms; experts {hf['experts_implementation']}; "
+                  "logits diff: the largest |hf - moerun| / max |moerun| of the variants)",
+                  format_table(["batch", *variants, "logits diff"], rows, align="right")]
+        lines += [f"transformers {v}: not timed ({why})" for v, why in hf["missing"].items()]
     return "\n".join(lines)
+
+
+def _peer_cells(row: dict[str, Any]) -> list[str]:
+    if "transformers" not in row:
+        return ["-", "-", "-", "-"]
+    best = row["transformers"][row["transformers_fastest"]]
+    return [row["transformers_fastest"], f"{best['median_ms']:.3f}", _range(best), f"{row['speedup']:.2f}x"]
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -447,69 +524,100 @@ def _ints(text: str, option: str) -> list[int]:
     return values
 
 
-@click.command()
+def _variants(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in VARIANTS]
+    if not names or unknown:
+        raise MoerunError(f"--hf-variants: {', '.join(unknown) or 'none given'} (allowed: {', '.join(VARIANTS)})")
+    return names
+
+
+@click.group(invoke_without_command=True)
 @click.option("-c", "--config", type=str, default=None,
               help="YAML target: its backend, backend options, dtype and KV block size (default: the embedded demo).")
 @click.option("--small/--full", default=None, help="Miniature dimensions (default: on CPU devices) or MiniMax-M2's.")
 @click.option("--layers", type=click.IntRange(1), default=None, help="Decoder layers (default: as many as fit).")
 @click.option("--batches", default=None, help="Decode batch sizes [default: 1,8,64,256; small: 1,8,64].")
 @click.option("--context", type=click.IntRange(1), default=None, help="Decode context per sequence [2048; small: 64].")
-@click.option("--prefill-tokens", type=click.IntRange(1), default=None, help="Prefill length [8192; small: 256].")
-@click.option("--steps", type=click.IntRange(1), default=None, help="Timed runs per measurement [20; small: 3].")
-@click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed runs first [5; small: 1].")
+@click.option("--prefill-tokens", type=click.IntRange(0), default=None,
+              help="Prefill length, 0 for no prefill [8192; small: 256].")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="Timed runs per measurement, interleaved [20; small: 15] (prefill: half of them).")
+@click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed runs first [5; small: 3] (prefill: half of them).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Host threads for torch, set for the whole run [default: torch's own choice, pinned].")
 @click.option("--fp8", is_flag=True, help="Synthetic weights in the M2 release's FP8 block format (128x128, e4m3).")
 @click.option("--compare", type=click.Choice(["transformers"]), default=None,
-              help="Also time transformers' MiniMaxM2ForCausalLM on the same weights and inputs.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also time transformers' MiniMaxM2ForCausalLM on the same weights and token ids, interleaved.")
+@click.option("--hf-variants", default=",".join(VARIANTS), show_default=True,
+              help="transformers variants to time with --compare (the report names the fastest).")
+@click.option("--out", default=None,
               help="JSON results file [bench_results/bench-<time>.json].")
 @click.option("--seed", type=int, default=0, show_default=True)
-def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare, out, seed):
-    """Decode and prefill speed of a synthetic MiniMax-M2, with MBU and MFU measured against this device."""
+def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup, threads, fp8, compare, hf_variants,
+          out, seed):
+    """Decode and prefill speed of a synthetic MiniMax-M2, with MBU and MFU measured against this device.
+
+    `moerun bench serve` loads an OpenAI-compatible endpoint instead (see `moerun bench serve --help`)."""
+    if click.get_current_context().invoked_subcommand:
+        return  # a subcommand runs instead of the model benchmark
     config = config or str(resources.files("moerun.configs") / "demo.yaml")
     run = load_run_config(config)
+    if out:
+        out_path = check_output_path(out)
+    else:
+        out_path = Path("bench_results") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
     if compare and fp8:
         raise MoerunError("--compare transformers runs the float weights; drop --fp8")
+    variants = _variants(hf_variants)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or previous_threads)  # pinned: every measurement runs on the same pool
+    try:
+        _bench(run, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare, variants, out_path,
+               seed)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _bench(run: RunConfig, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare,
+           variants: tuple[str, ...], out_path: Path, seed: int) -> None:
+    load_start = os.getloadavg()
     backend_cls = get_backend_class(run.backend)
     backend = backend_cls(run.backend_options, run.dtype)
     small = backend.device.type == "cpu" if small is None else small
     default_batches = [1, 8, 64] if small else [1, 8, 64, 256]
     plan = Plan(small=small, layers=0, batches=_ints(batches, "--batches") if batches else default_batches,
-                context=context or (64 if small else 2048), prefill_tokens=prefill_tokens or (256 if small else 8192),
-                steps=steps or (3 if small else 20), warmup=warmup if warmup is not None else (1 if small else 5),
+                context=context or (64 if small else 2048),
+                prefill_tokens=prefill_tokens if prefill_tokens is not None else (256 if small else 8192),
+                steps=steps or (15 if small else 20), warmup=warmup if warmup is not None else (3 if small else 5),
                 fp8=fp8, compare=compare)
     dims = SMALL if small else M2
     if layers:
         plan.layers, reason = min(layers, dims["num_layers"]), "--layers"
     else:
         plan.layers, reason = fit_layers(dims, backend, plan, run.kv_block_size or backend.capabilities.kv_block_sizes[0])
-    total = 2 + plan.layers + len(plan.batches) + 1 + (len(plan.batches) + 2 if compare else 0)
+    total = 2 + plan.layers + len(plan.batches) + bool(plan.prefill_tokens) + bool(compare)
     with click.progressbar(length=total, label="bench", file=sys.stderr) as bar:
         b = Bench(run, backend, plan, seed, lambda: bar.update(1))
+        peer = None
+        if compare:
+            peer = TransformersPeer(b.cfg, b.synthetic.hf, backend.device, backend.dtype, variants)
+            bar.update(1)
         decode = []
         for batch in plan.batches:
-            decode.append(b.decode(batch))
+            decode.append(b.decode(batch, peer))
             bar.update(1)
-        prefill = b.prefill()
+        prefill = b.prefill(peer) if plan.prefill_tokens else None
         bar.update(1)
-        hf = None
-        if compare:
-            model = TransformersModel(b)
-            bar.update(1)
-            hf = {"experts_implementation": model.experts_implementation, "decode": []}
-            for batch in plan.batches:
-                seconds = model.decode(batch, plan.context, plan.warmup, plan.steps)
-                hf["decode"].append({"batch": batch, "step_ms": seconds * 1e3, "tokens_per_s": batch / seconds})
-                bar.update(1)
-            seconds = model.prefill(plan.prefill_tokens, max(1, plan.warmup // 2), max(2, plan.steps // 4))
-            hf["prefill"] = {"ms": seconds * 1e3, "tokens_per_s": plan.prefill_tokens / seconds}
-            bar.update(1)
     result = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "moerun bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         "machine": {"device": b.backend.device_info()["name"],
                     "backend": b.backend.describe(), "host": platform.node(), "python": platform.python_version(),
-                    "torch": torch.__version__, "copy_bandwidth_gb_s": b.copy_bw / 1e9,
-                    "matmul_tflops": b.matmul / 1e12},
+                    "torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average": load_start, "load_average_end": os.getloadavg(),
+                    "copy_bandwidth_gb_s": b.copy_bw / 1e9, "matmul_tflops": b.matmul / 1e12},
         "model": {"name": "MiniMax-M2 miniature" if small else "MiniMax-M2 dimensions", "dims": dims,
                   "layers": plan.layers, "full_layers": dims["num_layers"], "layers_reason": reason,
                   "weights": "fp8 block 128x128" + ("" if b.backend.capabilities.fp8_weights else ", dequantized at load")
@@ -519,10 +627,15 @@ def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup
         "decode": decode,
         "prefill": prefill,
     }
-    if hf:
-        result["transformers"] = hf
+    if peer is not None:
+        import transformers
+
+        result["transformers"] = {"version": transformers.__version__, "variants": list(variants),
+                                  "experts_implementation": peer.experts_implementation, "missing": peer.missing,
+                                  "compile_seconds": peer.compile_seconds}
     click.echo(report(result))
-    path = Path(out) if out else Path("bench_results") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(f"\nwrote {path}")
+    write_atomically(out_path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    click.echo(f"\nwrote {out_path}")
+
+
+bench.add_command(serve)

@@ -1,54 +1,103 @@
 """Lazy, strict access to the tensors of an HF safetensors checkpoint folder.
 
-Only headers are read up front; tensors are read one at a time from the memory-mapped files, so a 230 GB
-checkpoint is never held in memory twice. Every problem names the tensor and the file.
+Only headers are read up front. Tensors are read on demand with plain reads into memory the caller owns (often
+the final weight itself), never mapped from the file: pages of a mapped file count toward the process's resident
+memory once touched, so a mapping would keep a loaded checkpoint's source bytes resident beside the weights made
+from them. Every problem names the tensor and the file.
+
+A checkpoint is downloaded data, so its files are checked before safetensors opens them: every shard the index
+names must stay inside the folder (no absolute paths, no `..`, no symlink leading out, except into a Hugging Face
+hub cache's blobs/), must be a regular file (a FIFO would block the open forever), and must declare a header that
+fits in the file and in MAX_HEADER_BYTES. safetensors itself then checks the header's JSON, dtypes, shapes and
+offsets (overlaps, gaps, out of range) and refuses the file with one message.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import stat
+import struct
+from pathlib import Path, PurePath
 
 import torch
 from safetensors import safe_open
 
-from moerun.backends.errors import CheckpointError
+from moerun.backends.errors import CheckpointError, key_name, shown
+from moerun.runtime.files import MiB, file_kind, is_dir, read_json_object
+from moerun.runtime.shard_writer import SAFETENSORS_DTYPES
+from moerun.runtime.w8a8_format import INDEX_FILE as W8A8_INDEX_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}  # safetensors dtype -> torch dtype
+INDEX_FILES = (INDEX_FILE, W8A8_INDEX_FILE)  # msModelSlim's W8A8 exports name their index after their shards
+MAX_INDEX_BYTES = 64 * MiB  # the full M2 release's index is ~10 MB (96k tensors)
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit per file
+MAX_TOTAL_HEADER_BYTES = 1 << 30  # all shards' headers are parsed and kept while loading
 
 
 class Checkpoint:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        if not self.folder.is_dir():
+        if not is_dir(self.folder):
             raise CheckpointError(f"{self.folder}: checkpoint folder not found")
         self._files = self._shard_files()
+        header_bytes = 0
+        for path in self._files:
+            header_bytes += _declared_header_size(path)
+            if header_bytes > MAX_TOTAL_HEADER_BYTES:
+                raise CheckpointError(f"{self.folder}: the shards' safetensors headers add up to more than "
+                                      f"{MAX_TOTAL_HEADER_BYTES >> 20} MiB")
         self._handles: dict[Path, object] = {}
+        self._extents: dict[Path, dict[str, tuple[int, int]]] = {}  # file -> tensor -> (first byte, end byte)
         self.file_of: dict[str, Path] = {}
         for path in self._files:
             for name in self._open(path).keys():
                 if name in self.file_of:
-                    raise CheckpointError(f"{name}: stored twice, in {self.file_of[name].name} and {path.name}")
+                    raise CheckpointError(f"{key_name(name)}: stored twice, in {self.file_of[name].name} and {path.name}")
                 self.file_of[name] = path
         self._check_index()
 
     def _shard_files(self) -> list[Path]:
-        index = self.folder / INDEX_FILE
-        if index.is_file():
-            try:
-                self.weight_map: dict[str, str] | None = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            files = sorted({self.folder / f for f in self.weight_map.values()})
+        indexes = [self.folder / name for name in INDEX_FILES if os.path.lexists(self.folder / name)]
+        if len(indexes) > 1:
+            raise CheckpointError(f"{self.folder}: holds both {indexes[0].name} and {indexes[1].name}; keep one index")
+        if indexes:
+            index = indexes[0]
+            weight_map = read_json_object(index, MAX_INDEX_BYTES, "safetensors index").get("weight_map")
+            if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+                raise CheckpointError(f"{index}: not a valid safetensors index ('weight_map' must map each tensor "
+                                      f"name to a shard file name, got {shown(weight_map)})")
+            self.weight_map: dict[str, str] | None = weight_map
+            self.index_name = index.name
+            files = sorted({self._shard(name, f"listed in {index.name}") for name in weight_map.values()})
             for f in files:
-                if not f.is_file():
-                    raise CheckpointError(f"{f}: listed in {INDEX_FILE} but missing")
+                if not os.path.lexists(f):
+                    raise CheckpointError(f"{f}: listed in {index.name} but missing")
             return files
         self.weight_map = None
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = sorted(self._shard(p.name, "found") for p in self.folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.folder}: no *.safetensors files")
         return files
+
+    def _shard(self, name: str, how: str) -> Path:
+        """The path of a shard file name from the index (or the folder), refused when it leads out of the folder."""
+        parts = PurePath(name).parts
+        if not name or "\0" in name or os.path.isabs(name) or ".." in parts:
+            raise CheckpointError(f"{self.folder}: shard {shown(name)} {how} is not a file name inside the checkpoint "
+                                  f"folder (allowed: a relative name without '..')")
+        path = self.folder / name
+        try:
+            real, inside = path.resolve(), self.folder.resolve()
+        except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+            raise CheckpointError(f"{path}: a symlink loop") from None
+        # huggingface_hub snapshots are symlinks into the repository's blobs/ folder: <repo>/snapshots/<rev>/x.
+        blobs = inside.parent.parent / "blobs" if inside.parent.name == "snapshots" else None
+        if os.path.lexists(path) and not (real.is_relative_to(inside) or (blobs and real.is_relative_to(blobs))):
+            raise CheckpointError(f"{path}: a symlink to {shown(str(real))}, outside the checkpoint folder "
+                                  f"(allowed: links within it, or into a Hugging Face cache's blobs/)")
+        return path
 
     def _open(self, path: Path):
         if path not in self._handles:
@@ -65,7 +114,7 @@ class Checkpoint:
             actual = self.file_of.get(name)
             if actual is None or actual.name != file:
                 where = f"it is in {actual.name}" if actual else "it is in no file"
-                raise CheckpointError(f"{name}: {INDEX_FILE} says {file}, but {where}")
+                raise CheckpointError(f"{key_name(name)}: {self.index_name} says {shown(file)}, but {where}")
 
     def names(self) -> set[str]:
         return set(self.file_of)
@@ -76,12 +125,69 @@ class Checkpoint:
     def dtype(self, name: str) -> str:
         return self._open(self.file_of[name]).get_slice(name).get_dtype()
 
+    def nbytes(self, name: str) -> int:
+        start, end = self._extent(name)
+        return end - start
+
     def read(self, name: str) -> torch.Tensor:
+        """The tensor, in fresh memory."""
+        out = torch.empty(self.shape(name), dtype=TORCH_DTYPES[self.dtype(name)])
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor, first_row: int = 0) -> None:
+        """Fill the contiguous host tensor `out` with the stored bytes of `name` from row first_row on, as many as
+        `out` holds (a whole tensor, or a band of rows of one read a band at a time)."""
         path = self.file_of[name]
+        start, end = self._extent(name)
+        if first_row:
+            start += first_row * ((end - start) // self.shape(name)[0])
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        if start + len(buffer) > end:
+            raise ValueError(f"{name}: {len(buffer)} bytes from row {first_row} run past the tensor's end")
         try:
-            return self._open(path).get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"{name}: cannot be read from {path.name} ({_short(e)})") from None
+            with open(path, "rb", buffering=0) as f:
+                done = 0
+                while done < len(buffer):  # a read may return less than asked (at most ~2 GB per call on Linux)
+                    n = os.preadv(f.fileno(), [buffer[done:]], start + done)
+                    if n == 0:
+                        raise CheckpointError(f"{name}: cannot be read from {path.name} (the file ends early)")
+                    done += n
+        except OSError as e:
+            raise CheckpointError(f"{name}: cannot be read from {path.name} ({e.strerror or e})") from None
+
+    def _extent(self, name: str) -> tuple[int, int]:
+        path = self.file_of[name]
+        if path not in self._extents:  # the header safe_open has already checked, read again for the offsets
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            base = 8 + size
+            self._extents[path] = {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
+                                   for k, v in header.items() if k != "__metadata__"}
+        return self._extents[path][name]
+
+
+def _declared_header_size(path: Path) -> int:
+    """The header length a shard declares, after checking it is a regular file that can hold that header;
+    safetensors would read a FIFO forever and trusts the declared length up to 100 MB."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: is {file_kind(st.st_mode)}; a safetensors shard must be a regular file")
+    with os.fdopen(fd, "rb") as f:
+        prefix = f.read(8)
+    if len(prefix) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file ({st.st_size} bytes, shorter than the 8-byte header length)")
+    size = int.from_bytes(prefix, "little")
+    if size > min(MAX_HEADER_BYTES, st.st_size - 8):
+        raise CheckpointError(f"{path}: not a safetensors file (it declares a {size}-byte header; the file has "
+                              f"{st.st_size - 8} bytes after the length and the most allowed is {MAX_HEADER_BYTES})")
+    return size
 
 
 def _short(e: Exception) -> str:

@@ -24,8 +24,11 @@ from typing import TYPE_CHECKING
 
 from tokenizers import pre_tokenizers
 
-from moerun.runtime.demo_corpus import CORPUS
 from moerun.backends.errors import MoerunError
+from moerun.runtime.demo_corpus import CORPUS
+from moerun.runtime.files import read_text
+from moerun.runtime.m2_tensors import EMBED, NORM, ROUTER, ROUTER_BIAS, M2Tensor, all_tensors
+from moerun.runtime.model_config import ModelConfig, parse_model_config
 
 if TYPE_CHECKING:
     import torch
@@ -124,7 +127,8 @@ def matches_manifest(folder: Path, version: str, names: tuple[str, ...]) -> bool
     """True only if the folder's manifest has this version, lists exactly `names`, and every file has the size
     and sha256 it lists."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        # Only a regular file is read: a FIFO planted in the cache would block the read forever.
+        manifest = json.loads(read_text(folder / MANIFEST, 1 << 20, "demo manifest"))
         if manifest.get("version") != version or set(manifest.get("files", {})) != set(names):
             return False
         for name, expected in manifest["files"].items():
@@ -132,7 +136,7 @@ def matches_manifest(folder: Path, version: str, names: tuple[str, ...]) -> bool
             if path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
                 return False
         return True
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, MoerunError):
         return False
 
 
@@ -158,9 +162,10 @@ def write_demo_checkpoint(folder: Path) -> None:
     _write_text(folder / "tokenizer.json", tokenizer_json)
     _write_json(folder / "tokenizer_config.json", _tokenizer_config(ids))
     _write_text(folder / "chat_template.jinja", CHAT_TEMPLATE)
-    _write_json(folder / "config.json", _model_config(ids, vocab_size))
+    config = _model_config(ids, vocab_size)
+    _write_json(folder / "config.json", config)
     _write_json(folder / "generation_config.json", _generation_config(ids))
-    _write_weights(folder, _weights(vocab_size, tokenizer_vocab=len(ids)))
+    _write_weights(folder, _weights(parse_model_config(config), tokenizer_vocab=len(ids)))
     write_manifest(folder, DEMO_VERSION, FILES)
 
 
@@ -427,51 +432,32 @@ def _generation_config(ids: dict[str, int]) -> dict:
 
 # --- weights --------------------------------------------------------------------------------------------------
 
-def _weights(vocab_size: int, tokenizer_vocab: int) -> dict[str, torch.Tensor]:
+def _weights(cfg: ModelConfig, tokenizer_vocab: int) -> dict[str, torch.Tensor]:
     """Random weights with unit-gain scales (each projection keeps activations near unit RMS), non-trivial norm
     weights and a non-zero routing bias, so every part of the M2 math changes the logits. The lm_head scale gives
     peaked but not one-hot next-token distributions. bf16 like the release, except the fp32 router."""
     import torch  # here, not at the top: checking or locating the cached demo needs no torch
 
-    d = DIMS
-    hidden, layers = d["hidden_size"], d["num_hidden_layers"]
-    experts, inter = d["num_local_experts"], d["intermediate_size"]
-    q_width, kv_width = d["num_attention_heads"] * d["head_dim"], d["num_key_value_heads"] * d["head_dim"]
     gen = torch.Generator().manual_seed(SEED)
-
-    def linear(out_dim: int, in_dim: int, gain: float = 1.0) -> torch.Tensor:
-        return torch.randn(out_dim, in_dim, generator=gen) * (gain / in_dim ** 0.5)
-
-    def norm(dim: int) -> torch.Tensor:
-        return 1.0 + 0.2 * torch.randn(dim, generator=gen)
-
     bf16 = torch.bfloat16
-    embed = torch.randn(vocab_size, hidden, generator=gen)
-    embed[tokenizer_vocab:] = 0.0  # padding ids: no token maps to them
-    tensors = {"model.embed_tokens.weight": embed.to(bf16)}
-    for layer in range(layers):
-        p = f"model.layers.{layer}."
-        tensors[p + "input_layernorm.weight"] = norm(hidden).to(bf16)
-        tensors[p + "self_attn.q_proj.weight"] = linear(q_width, hidden).to(bf16)
-        tensors[p + "self_attn.k_proj.weight"] = linear(kv_width, hidden).to(bf16)
-        tensors[p + "self_attn.v_proj.weight"] = linear(kv_width, hidden).to(bf16)
-        tensors[p + "self_attn.o_proj.weight"] = linear(hidden, q_width).to(bf16)
-        tensors[p + "self_attn.q_norm.weight"] = norm(q_width).to(bf16)
-        tensors[p + "self_attn.k_norm.weight"] = norm(kv_width).to(bf16)
-        tensors[p + "post_attention_layernorm.weight"] = norm(hidden).to(bf16)
-        # Router stays fp32, as in the release: bf16 noise can flip the top-k choice.
-        tensors[p + "block_sparse_moe.gate.weight"] = linear(experts, hidden, gain=2.0)
-        tensors[p + "block_sparse_moe.e_score_correction_bias"] = 0.5 * torch.randn(experts, generator=gen)
-        for e in range(experts):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            tensors[q + "w1.weight"] = linear(inter, hidden).to(bf16)
-            tensors[q + "w2.weight"] = linear(hidden, inter).to(bf16)
-            tensors[q + "w3.weight"] = linear(inter, hidden).to(bf16)
-    tensors["model.norm.weight"] = norm(hidden).to(bf16)
-    lm_head = linear(vocab_size, hidden, gain=4.0)
-    lm_head[tokenizer_vocab:] = 0.0
-    tensors["lm_head.weight"] = lm_head.to(bf16)
-    return tensors
+
+    def linear(shape: tuple[int, int], gain: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * (gain / shape[1] ** 0.5)
+
+    def make(t: M2Tensor) -> torch.Tensor:
+        if t.kind == NORM:
+            return (1.0 + 0.2 * torch.randn(t.shape, generator=gen)).to(bf16)
+        if t.kind == ROUTER:  # stays fp32, as in the release: bf16 noise can flip the top-k choice
+            return linear(t.shape, gain=2.0)
+        if t.kind == ROUTER_BIAS:
+            return 0.5 * torch.randn(t.shape, generator=gen)
+        if t.kind == EMBED or t.name == "lm_head.weight":
+            w = torch.randn(t.shape, generator=gen) if t.kind == EMBED else linear(t.shape, gain=4.0)
+            w[tokenizer_vocab:] = 0.0  # padding ids: no token maps to them
+            return w.to(bf16)
+        return linear(t.shape).to(bf16)
+
+    return {t.name: make(t) for t in all_tensors(cfg, cfg.num_layers)}
 
 
 def _write_weights(folder: Path, tensors: dict[str, torch.Tensor], layers: int = DIMS["num_hidden_layers"]) -> None:

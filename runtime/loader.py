@@ -2,8 +2,15 @@
 
 Strict: the checkpoint must hold exactly the tensors the config implies (layers beyond num_hidden_layers, the
 unpublished MTP modules, are ignored), each of the right shape and dtype; any difference is an error naming the
-tensor and the file. FP8 block weights are dequantized into the model dtype on the device unless the backend
-executes FP8 itself, in which case it receives the float8 weight and its block scales.
+tensor and the file. FP8 block weights are dequantized into the model dtype unless the backend executes FP8
+itself, in which case it receives the float8 weight and its block scales.
+
+Within memory: each tensor is allocated once in its final dtype (and, for experts, in the backend's layout), then
+filled: by a plain read straight into it when the stored bytes need no conversion, else a band of rows at a time
+through a small reused staging buffer per worker thread, FP8 dequantized band by band on the way. Nothing the size
+of a layer is ever held twice, so the peak resident memory of a load is the loaded weights plus tens of MB (plus,
+for a backend that dequantizes on the host for a device that cannot hold float8, one layer's experts on the host).
+Before anything is allocated, the weights' bytes are checked against the free memory where they will live.
 """
 
 from __future__ import annotations
@@ -15,36 +22,21 @@ import torch
 
 from moerun.backends.base import Backend, ExpertWeights, LinearWeight
 from moerun.backends.cpu.ops import dequantize_fp8_block
-from moerun.runtime.checkpoint import Checkpoint
 from moerun.backends.errors import CheckpointError
+from moerun.runtime.checkpoint import TORCH_DTYPES, Checkpoint
+from moerun.runtime.load_workers import STAGING_BYTES, load_workers
+from moerun.runtime.m2_tensors import (LINEAR, ROUTER, ROUTER_BIAS, M2Tensor, all_tensors, expert_tensors,
+                                       layer_prefix, layer_tensors, model_tensors)
+from moerun.runtime.memory import allocating, check_fits, count, format_bytes, tensor_bytes
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.shard_plan import ShardPlan
 from moerun.runtime.weights import LayerWeights, ModelWeights
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some exporters save; recomputed, never read
-
-
-def layer_prefix(i: int) -> str:
-    return f"model.layers.{i}"
-
-
-def _linear_shapes(cfg: ModelConfig, num_layers: int) -> dict[str, tuple[int, int]]:
-    """Every linear module of the model and its [out, in] shape."""
-    h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    shapes = {"lm_head": (cfg.vocab_size, h)} if not cfg.tie_word_embeddings else {}
-    for i in range(num_layers):
-        p = layer_prefix(i)
-        shapes[f"{p}.self_attn.q_proj"] = (cfg.num_heads * d, h)
-        shapes[f"{p}.self_attn.k_proj"] = (cfg.num_kv_heads * d, h)
-        shapes[f"{p}.self_attn.v_proj"] = (cfg.num_kv_heads * d, h)
-        shapes[f"{p}.self_attn.o_proj"] = (h, cfg.num_heads * d)
-        shapes[f"{p}.block_sparse_moe.gate"] = (cfg.num_experts, h)
-        for e in range(cfg.num_experts):
-            shapes[f"{p}.block_sparse_moe.experts.{e}.w1"] = (inter, h)
-            shapes[f"{p}.block_sparse_moe.experts.{e}.w3"] = (inter, h)
-            shapes[f"{p}.block_sparse_moe.experts.{e}.w2"] = (h, inter)
-    return shapes
+HOST = torch.device("cpu")
+FEWER_LAYERS = ("load fewer layers (--layers N, or model.num_layers in the YAML), or spread the model over more "
+                "devices once multi-device placement lands")
 
 
 def is_quantized(cfg: ModelConfig, module: str) -> bool:
@@ -54,27 +46,20 @@ def is_quantized(cfg: ModelConfig, module: str) -> bool:
     return not any(module == m or module.endswith("." + m) or f".{m}." in f".{module}." for m in cfg.fp8_modules_not_converted)
 
 
+def _fp8(cfg: ModelConfig, t: M2Tensor) -> bool:
+    return t.kind == LINEAR and is_quantized(cfg, t.module)
+
+
 def expected_tensors(cfg: ModelConfig, num_layers: int) -> dict[str, tuple[tuple[int, ...], str | None]]:
     """name -> (shape, required safetensors dtype or None for 'any float')."""
-    h = cfg.hidden_size
-    out: dict[str, tuple[tuple[int, ...], str | None]] = {
-        "model.embed_tokens.weight": ((cfg.vocab_size, h), None),
-        "model.norm.weight": ((h,), None),
-    }
-    for i in range(num_layers):
-        p = layer_prefix(i)
-        out[f"{p}.input_layernorm.weight"] = ((h,), None)
-        out[f"{p}.post_attention_layernorm.weight"] = ((h,), None)
-        out[f"{p}.self_attn.q_norm.weight"] = ((cfg.num_heads * cfg.head_dim,), None)
-        out[f"{p}.self_attn.k_norm.weight"] = ((cfg.num_kv_heads * cfg.head_dim,), None)
-        out[f"{p}.block_sparse_moe.e_score_correction_bias"] = ((cfg.num_experts,), None)
-    for module, (rows, cols) in _linear_shapes(cfg, num_layers).items():
-        if is_quantized(cfg, module):
-            bn, bk = cfg.fp8_block
-            out[f"{module}.weight"] = ((rows, cols), "F8_E4M3")
-            out[f"{module}.weight_scale_inv"] = ((-(-rows // bn), -(-cols // bk)), "F32")
+    out: dict[str, tuple[tuple[int, ...], str | None]] = {}
+    for t in all_tensors(cfg, num_layers):
+        if _fp8(cfg, t):
+            (bn, bk), (rows, cols) = cfg.fp8_block, t.shape
+            out[t.name] = (t.shape, "F8_E4M3")
+            out[f"{t.module}.weight_scale_inv"] = ((-(-rows // bn), -(-cols // bk)), "F32")
         else:
-            out[f"{module}.weight"] = ((rows, cols), None)
+            out[t.name] = (t.shape, None)
     return out
 
 
@@ -106,11 +91,11 @@ def validate_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, num_layers: int) -> 
 
 
 class WeightLoader:
-    """Reads each tensor once from the memory-mapped checkpoint and hands it to the backend.
+    """Reads each tensor once into its final place and hands it to the backend's prepare_* (see the module doc).
 
-    Linear and expert weights are assembled on the host (experts stacked per layer) and moved by the backend's
-    prepare_* exactly once, so no layer is ever held twice on the device. FP8 weights are dequantized on the
-    device when the backend allows it (fast), else on the host."""
+    Tensors are built on the backend's device. FP8 weights are dequantized where the backend allows float8 tensors
+    (on its device: fast, and the FP8 bytes cross to the device once), else on the host, and then moved once.
+    Reads and conversions run on worker threads (load_workers), a layer at a time."""
 
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, backend: Backend, plan: ShardPlan | None = None) -> None:
         self.ckpt, self.cfg, self.backend = ckpt, cfg, backend
@@ -118,90 +103,186 @@ class WeightLoader:
         self.device, self.dtype = backend.device, backend.dtype
         # The backend runs FP8 itself, or we dequantize here.
         self.keep_fp8 = cfg.fp8_block is not None and backend.capabilities.fp8_weights
-        self.dequant_device = backend.device if backend.capabilities.dequantize_on_device else torch.device("cpu")
+        self.dequant_device = backend.device if backend.capabilities.dequantize_on_device else HOST
+        self._advice = FEWER_LAYERS
 
     def load(self, num_layers: int, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
-        """progress(layers_done, num_layers) after each layer."""
+        """progress(bytes_read, bytes_total) of the checkpoint, as tensors are read."""
         validate_checkpoint(self.ckpt, self.cfg, num_layers)
-        layers = []
-        for i in range(num_layers):
-            layers.append(self._layer(i))
+        weights = f"the weights of {count(num_layers, 'layer')}"
+        need = self.weight_bytes(num_layers)
+        check_fits(weights, need, self.backend, FEWER_LAYERS)
+        self._advice = f"{weights} need {format_bytes(need)} in all: {FEWER_LAYERS}"
+        total = sum(self.ckpt.nbytes(name) for name in expected_tensors(self.cfg, num_layers))
+        read = 0
+
+        def done(nbytes: int) -> None:
+            nonlocal read
+            read += nbytes
             if progress:
-                progress(i + 1, num_layers)
-        embed = self._dense("model.embed_tokens.weight")
-        lm_head = (self.backend.prepare_linear(LinearWeight(embed)) if self.cfg.tie_word_embeddings
-                   else self._linear("lm_head"))
-        return ModelWeights(embed=embed, layers=layers, norm=self._dense("model.norm.weight"), lm_head=lm_head)
+                progress(read, total)
 
-    def _dense(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.ckpt.read(name).to(self.device, dtype or self.dtype)
+        outer = model_tensors(self.cfg)
+        with load_workers() as self._workers:  # in file order: embedding, layers, final norm, lm_head
+            embed = self._load(outer["embed"], done)
+            layers = [self._layer(i, done) for i in range(num_layers)]
+            norm = self._load(outer["norm"], done)
+            lm_head = (self._prepare_linear("lm_head", LinearWeight(embed)) if self.cfg.tie_word_embeddings
+                       else self._load(outer["lm_head"], done))
+        return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
-    def _dequantize(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        dev = self.dequant_device
-        return dequantize_fp8_block(weight.to(dev), scale.to(dev), self.cfg.fp8_block, self.dtype)
+    def weight_bytes(self, num_layers: int) -> int:
+        """Bytes of the loaded weights on the backend's device: the model dtype, fp32 for the router, and float8
+        plus block scales for FP8 weights a backend executes itself."""
+        total = 0
+        for t in all_tensors(self.cfg, num_layers):
+            if t.kind in (ROUTER, ROUTER_BIAS):
+                total += tensor_bytes(t.shape, torch.float32)
+            elif _fp8(self.cfg, t) and self.keep_fp8:
+                total += tensor_bytes(t.shape, torch.float8_e4m3fn) + 4 * self._scale_count(t.shape)
+            else:
+                total += tensor_bytes(t.shape, self.dtype)
+        return total
 
-    def _linear(self, module: str) -> object:
-        weight = self.ckpt.read(f"{module}.weight")
-        if not is_quantized(self.cfg, module):
-            return self.backend.prepare_linear(LinearWeight(weight.to(self.dtype)))
-        scale = self.ckpt.read(f"{module}.weight_scale_inv")
-        if self.keep_fp8:
-            return self.backend.prepare_linear(LinearWeight(weight, scale, self.cfg.fp8_block))
-        return self.backend.prepare_linear(LinearWeight(self._dequantize(weight, scale)))
+    # ---- planning: each tensor's destination, allocated once, and the tasks that fill it ------------------------
+    def _load(self, t: M2Tensor, done: Callable[[int], None]) -> object:
+        out, tasks = self._plan(t)
+        self._workers.run(tasks, done)
+        return self._finish(t, out)
 
-    def _layer(self, i: int) -> LayerWeights:
-        p = layer_prefix(i)
-        return LayerWeights(
-            input_norm=self._dense(f"{p}.input_layernorm.weight"),
-            q_proj=self._linear(f"{p}.self_attn.q_proj"),
-            k_proj=self._linear(f"{p}.self_attn.k_proj"),
-            v_proj=self._linear(f"{p}.self_attn.v_proj"),
-            o_proj=self._linear(f"{p}.self_attn.o_proj"),
-            q_norm=self._dense(f"{p}.self_attn.q_norm.weight"),
-            k_norm=self._dense(f"{p}.self_attn.k_norm.weight"),
-            post_attention_norm=self._dense(f"{p}.post_attention_layernorm.weight"),
-            # Router gate and correction bias stay fp32 whatever the model dtype (selection is knife-edge).
-            router=self._dense(f"{p}.block_sparse_moe.gate.weight", torch.float32),
-            router_bias=self._dense(f"{p}.block_sparse_moe.e_score_correction_bias", torch.float32),
-            experts=self._experts(p),
-        )
+    def _layer(self, i: int, done: Callable[[int], None]) -> LayerWeights:
+        planned, tasks = {}, []
+        for field, t in layer_tensors(self.cfg, i).items():
+            out, fill = self._plan(t)
+            planned[field] = (t, out)
+            tasks += fill
+        stacks, fill = self._plan_experts(i)
+        self._workers.run(tasks + fill, done)
+        fields = {field: self._finish(t, out) for field, (t, out) in planned.items()}
+        what = f"{layer_prefix(i)}.block_sparse_moe.experts"
+        with allocating(what, nbytes_of(stacks), self.device, self._advice):
+            return LayerWeights(**fields, experts=self.backend.prepare_experts(stacks))
 
-    def _experts(self, p: str) -> object:
-        """Stack this rank's experts on the host into [E, 2I, H] (w1 rows, then w3 rows) and [E, H, I], in the
-        checkpoint's storage dtype (float8 with block-scale stacks for FP8), then convert once and hand over."""
-        cfg = self.cfg
-        local = self.plan.local_experts(cfg.num_experts)
+    def _plan(self, t: M2Tensor) -> tuple[object, list[Callable[[], int]]]:
+        if not _fp8(self.cfg, t):
+            # router gate and correction bias stay fp32 whatever the model dtype (selection is knife-edge)
+            dtype = torch.float32 if t.kind in (ROUTER, ROUTER_BIAS) else self.dtype
+            out = self._empty(t.name, t.shape, dtype, self.device)
+            return out, self._fill_tasks(t.name, out)
+        scale_name = f"{t.module}.weight_scale_inv"
+        if self.keep_fp8:  # a backend that executes FP8 holds float8 on its device
+            weight = self._empty(t.name, t.shape, torch.float8_e4m3fn, self.device)
+            scale = self._empty(scale_name, self.ckpt.shape(scale_name), torch.float32, self.device)
+            return (weight, scale), self._fill_tasks(t.name, weight) + self._fill_tasks(scale_name, scale)
+        out = self._empty(t.name, t.shape, self.dtype, self.dequant_device)
+        return out, [lambda: self._dequantize_into(t.module, out)]
+
+    def _finish(self, t: M2Tensor, out: object) -> object:
+        if t.kind != LINEAR:
+            return out
+        weight = LinearWeight(*out, self.cfg.fp8_block) if isinstance(out, tuple) else LinearWeight(out)
+        return self._prepare_linear(t.name, weight)
+
+    def _plan_experts(self, i: int) -> tuple[ExpertWeights, list[Callable[[], int]]]:
+        """This rank's experts of layer i go into stacks w13 [E, 2I, H] (w1 rows, then w3 rows) and w2 [E, H, I],
+        one task per expert: float8 stacks with stacked block scales for a backend that executes FP8, else stacks
+        in the model dtype and the backend's own layout (empty_experts)."""
+        cfg, local = self.cfg, self.plan.local_experts(self.cfg.num_experts)
         h, inter = cfg.hidden_size, cfg.intermediate_size
-        quantized = is_quantized(cfg, f"{p}.block_sparse_moe.experts.0.w1")
-        # Gate and up rows share one [2I, H] stack, so FP8 stacks (with their scale stacks) need 2I to split at a
-        # block edge. Otherwise (never in M2: 1536 = 12 x 128) each expert is dequantized before stacking.
-        stacked_fp8 = quantized and inter % cfg.fp8_block[0] == 0
-        if quantized and self.keep_fp8 and not stacked_fp8:
-            raise CheckpointError(f"{p}: intermediate_size {inter} is not a multiple of the FP8 block "
-                                  f"{cfg.fp8_block[0]}, which FP8 execution needs")
-        store = torch.float8_e4m3fn if stacked_fp8 else self.dtype
-        w13 = torch.empty(len(local), 2 * inter, h, dtype=store)
-        w2 = torch.empty(len(local), h, inter, dtype=store)
-        s13 = s2 = None
-        if stacked_fp8:
-            bn, bk = cfg.fp8_block
-            s13 = torch.empty(len(local), 2 * inter // bn, -(-h // bk), dtype=torch.float32)
-            s2 = torch.empty(len(local), -(-h // bn), -(-inter // bk), dtype=torch.float32)
-        parts = {"w1": (w13, s13, 0), "w3": (w13, s13, inter), "w2": (w2, s2, 0)}
-        for slot, e in enumerate(local):
-            for part, (dest, scale_dest, row0) in parts.items():
-                module = f"{p}.block_sparse_moe.experts.{e}.{part}"
-                weight = self.ckpt.read(f"{module}.weight")
-                if quantized:
-                    scale = self.ckpt.read(f"{module}.weight_scale_inv")
-                    if stacked_fp8:
-                        bn = cfg.fp8_block[0]
-                        scale_dest[slot, row0 // bn:row0 // bn + scale.shape[0]] = scale
-                    else:
-                        weight = self._dequantize(weight, scale).cpu()
-                dest[slot, row0:row0 + weight.shape[0]] = weight.to(store)
-        if stacked_fp8 and self.keep_fp8:
-            return self.backend.prepare_experts(ExpertWeights(w13, w2, s13, s2, block=cfg.fp8_block))
-        if stacked_fp8:
-            w13, w2 = self._dequantize(w13, s13), self._dequantize(w2, s2)
-        return self.backend.prepare_experts(ExpertWeights(w13=w13, w2=w2))
+        what = f"{layer_prefix(i)}.block_sparse_moe.experts"
+        quantized = _fp8(cfg, expert_tensors(cfg, i, local.start)["w1"])
+        fp8_stacks = quantized and self.keep_fp8
+        if fp8_stacks:
+            stacks = self._fp8_stacks(what, len(local))
+        else:
+            nbytes = len(local) * 3 * h * inter * self.dtype.itemsize
+            with allocating(what, nbytes, self.dequant_device, self._advice):
+                stacks = self.backend.empty_experts(len(local), h, inter, self.dtype, self.dequant_device)
+
+        def expert(slot: int, e: int) -> int:
+            read = 0
+            for part, t in expert_tensors(cfg, i, e).items():
+                rows = {"w1": slice(0, inter), "w3": slice(inter, 2 * inter), "w2": slice(None)}[part]
+                out = (stacks.w2 if part == "w2" else stacks.w13)[slot, rows]
+                if fp8_stacks:
+                    bn = cfg.fp8_block[0]
+                    scales = stacks.w2_scale_inv if part == "w2" else stacks.w13_scale_inv
+                    scale_rows = slice(None) if part == "w2" else slice(rows.start // bn, rows.stop // bn)
+                    read += self._fill(t.name, out) + self._fill(f"{t.module}.weight_scale_inv", scales[slot, scale_rows])
+                elif quantized:
+                    read += self._dequantize_into(t.module, out)
+                else:
+                    read += self._fill(t.name, out)
+            return read
+
+        return stacks, [lambda slot=slot, e=e: expert(slot, e) for slot, e in enumerate(local)]
+
+    def _fp8_stacks(self, what: str, num_experts: int) -> ExpertWeights:
+        """float8 stacks and their block-scale stacks, on the device (a backend that executes FP8 holds float8).
+        Gate and up rows share one [2I, H] stack, so 2I must split at a block edge."""
+        cfg = self.cfg
+        h, inter, (bn, bk) = cfg.hidden_size, cfg.intermediate_size, cfg.fp8_block
+        if inter % bn:
+            raise CheckpointError(f"{what}: intermediate_size {inter} is not a multiple of the FP8 block {bn}, "
+                                  "which FP8 execution needs")
+        f8, f32 = torch.float8_e4m3fn, torch.float32
+        return ExpertWeights(
+            w13=self._empty(what, (num_experts, 2 * inter, h), f8, self.device),
+            w2=self._empty(what, (num_experts, h, inter), f8, self.device),
+            w13_scale_inv=self._empty(what, (num_experts, 2 * inter // bn, -(-h // bk)), f32, self.device),
+            w2_scale_inv=self._empty(what, (num_experts, -(-h // bn), -(-inter // bk)), f32, self.device),
+            block=cfg.fp8_block)
+
+    # ---- the tasks: reads and conversions, on a worker ---------------------------------------------------------
+    def _empty(self, what: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        with allocating(what, tensor_bytes(shape, dtype), device, self._advice):
+            return torch.empty(shape, dtype=dtype, device=device)
+
+    def _staged(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor over this worker's reused staging bytes."""
+        allocate = lambda n: self._empty("a read buffer", (n,), torch.uint8, HOST)  # noqa: E731
+        return self._workers.staging(tensor_bytes(shape, dtype), allocate).view(dtype).view(shape)
+
+    def _fill_tasks(self, name: str, out: torch.Tensor) -> list[Callable[[], int]]:
+        """Tasks that fill `out` with tensor `name`, a band of rows each, so a large tensor is read in parallel."""
+        rows = out.shape[0]
+        band = max(1, STAGING_BYTES // max(1, out[0].numel() * out.element_size()))
+        return [lambda r0=r0: self._fill(name, out[r0:r0 + band], r0) for r0 in range(0, rows, band)]
+
+    def _fill(self, name: str, out: torch.Tensor, first_row: int = 0) -> int:
+        """Read rows first_row.. of tensor `name` into `out`, whatever its dtype, strides or device: straight
+        into it when it is a contiguous host tensor of the stored dtype, else through the staging buffer."""
+        stored = TORCH_DTYPES[self.ckpt.dtype(name)]
+        if out.device == HOST and out.dtype == stored and out.is_contiguous():
+            self.ckpt.read_into(name, out, first_row)
+        else:
+            staged = self._staged(tuple(out.shape), stored)
+            self.ckpt.read_into(name, staged, first_row)
+            out.copy_(staged)
+        return tensor_bytes(tuple(out.shape), stored)
+
+    def _dequantize_into(self, module: str, out: torch.Tensor) -> int:
+        """Dequantize FP8 weight `module` into `out` (the model dtype), a band of whole block rows at a time."""
+        name, scale_name, block = f"{module}.weight", f"{module}.weight_scale_inv", self.cfg.fp8_block
+        scale = self.ckpt.read(scale_name).to(out.device)
+        rows, cols = out.shape
+        band = max(1, STAGING_BYTES // (block[0] * cols)) * block[0]
+        for r0 in range(0, rows, band):
+            staged = self._staged((min(band, rows - r0), cols), torch.float8_e4m3fn)
+            self.ckpt.read_into(name, staged, first_row=r0)
+            r1 = r0 + staged.shape[0]
+            dequantize_fp8_block(staged.to(out.device), scale[r0 // block[0]:-(-r1 // block[0])], block, self.dtype,
+                                 out=out[r0:r1])
+        return self.ckpt.nbytes(name) + self.ckpt.nbytes(scale_name)
+
+    def _scale_count(self, shape: tuple[int, ...]) -> int:
+        (bn, bk), (rows, cols) = self.cfg.fp8_block, shape
+        return -(-rows // bn) * -(-cols // bk)
+
+    def _prepare_linear(self, what: str, w: LinearWeight) -> object:
+        with allocating(what, w.weight.nbytes, self.device, self._advice):
+            return self.backend.prepare_linear(w)
+
+
+def nbytes_of(w: ExpertWeights) -> int:
+    return sum(t.nbytes for t in (w.w13, w.w2, w.w13_scale_inv, w.w2_scale_inv) if t is not None)

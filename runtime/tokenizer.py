@@ -1,27 +1,28 @@
-"""A checkpoint's tokenizer and chat template: text <-> token ids, and messages -> prompt text.
-
-The prompt must be the one the model was trained on, byte for byte, so the template is rendered the way
-transformers renders it (same Jinja settings, same `tojson`). Plain Jinja's `tojson` sorts keys and HTML-escapes
-`<>&'`, which reorders tool schemas and changes the prompt (MiniMax-M2 is checked for exactly this).
-"""
+"""A checkpoint's tokenizer and chat template: text <-> token ids, and messages -> prompt text (the template
+itself is compiled and rendered, bounded, by chat_template.py)."""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from moerun.backends.errors import CheckpointError, MoerunError
+from moerun.runtime.chat_template import TemplateFailure, compile_template, render
+from moerun.runtime.files import MiB, read_json_object, read_text, regular_file_size
 
 # The M2 end-of-message token. Generation stops on it even if a config forgets to list it.
 END_OF_MESSAGE = "[e~["
+# Tags the reasoning and tool-call parsers look for in decoded text: kept even where a tokenizer marks them
+# special (M2's own tokenizer does not, but re-exported ones do), so skip_special_tokens never drops them.
+VISIBLE_TAGS = ("<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>")
+MAX_TOKENIZER_BYTES = 512 * MiB  # M2's tokenizer.json is ~10 MB
+MAX_SIDE_FILE_BYTES = 16 * MiB  # tokenizer_config.json (it may hold the template), generation_config.json
+MAX_TEMPLATE_BYTES = 1 * MiB  # M2's chat template is ~10 KB
 # Names clients use for an assistant turn's reasoning; templates read `reasoning_content` (as in transformers).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -40,16 +41,18 @@ class Tokenizer:
     def from_folder(cls, path: str | Path) -> "Tokenizer":
         folder = Path(path)
         tok_path = folder / "tokenizer.json"
-        if not tok_path.is_file():
+        if not os.path.lexists(tok_path):
             raise CheckpointError(f"{tok_path}: no tokenizer.json (moerun needs the Hugging Face fast-tokenizer file)")
+        if regular_file_size(tok_path) > MAX_TOKENIZER_BYTES:
+            raise CheckpointError(f"{tok_path}: larger than {MAX_TOKENIZER_BYTES >> 20} MiB, the most a tokenizer.json may be")
         try:
             backend = tokenizers.Tokenizer.from_file(str(tok_path))
         except Exception as e:  # the Rust loader raises a bare Exception for bad JSON or an unknown layout
             raise CheckpointError(f"{tok_path}: not a valid tokenizer.json ({_first_line(e)})") from None
 
-        tok_config = _read_json(folder / "tokenizer_config.json")
-        gen_config = _read_json(folder / "generation_config.json")
-        model_config = _read_json(folder / "config.json")
+        tok_config = read_optional_json(folder / "tokenizer_config.json")
+        gen_config = read_optional_json(folder / "generation_config.json")
+        model_config = read_optional_json(folder / "config.json")
         eos = _eos_ids(backend, gen_config, model_config)
         template, source = _find_template(folder, tok_config)
         return cls(folder, backend, tok_config, eos, template, source)
@@ -62,7 +65,15 @@ class Tokenizer:
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`. skip_special_tokens drops the special added tokens except the VISIBLE_TAGS."""
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._skipped_ids]
+        return self._backend.decode(list(ids), skip_special_tokens=False)
+
+    @cached_property
+    def _skipped_ids(self) -> frozenset[int]:
+        return frozenset(i for i, token in self._backend.get_added_tokens_decoder().items()
+                         if token.special and token.content not in VISIBLE_TAGS)
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
@@ -90,6 +101,11 @@ class Tokenizer:
     # --- chat template ------------------------------------------------------------------------------------------
 
     @property
+    def template_source(self) -> str | None:
+        """Where the chat template was read from, for messages."""
+        return self._template_source
+
+    @property
     def has_chat_template(self) -> bool:
         return self._template_text is not None
 
@@ -102,57 +118,31 @@ class Tokenizer:
         context.update(kwargs)
         context.update(messages=_prepare_messages(messages), tools=tools, add_generation_prompt=add_generation_prompt)
         try:
-            return template.render(**context)
-        except jinja2.TemplateError as e:
+            return render(template, context)
+        except TemplateFailure as e:
             # raise_exception() in a template means the template rejects these messages: a request problem.
-            raise MoerunError(f"{self._template_source}: chat template failed: {_first_line(e)}") from None
+            raise MoerunError(f"{self._template_source}: chat template failed: {e}") from None
 
     @cached_property
     def _compiled_template(self):
         if self._template_text is None:
             raise CheckpointError(f"{self.folder}: no chat template (looked for chat_template.jinja and "
                                   f"'chat_template' in tokenizer_config.json)")
-        return _compile_template(self._template_text, self._template_source)
-
-
-def _compile_template(text: str, source: str | None):
-    """Jinja set up as transformers does it, so a checkpoint's template renders the same prompt here as there.
-    The sandbox matters: templates come with downloaded checkpoints and are untrusted code."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(text)
-    except jinja2.TemplateSyntaxError as e:
-        raise CheckpointError(f"{source}: chat template does not parse (line {e.lineno}: {e.message})") from None
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # Keep key order and leave <, >, & as they are: the model saw tool schemas written exactly like this.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
+        try:
+            return compile_template(self._template_text)
+        except TemplateFailure as e:
+            raise CheckpointError(f"{self._template_source}: chat template {e}") from None
 
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_optional_json(path: Path) -> dict[str, Any]:
     """An optional JSON file of the checkpoint: {} when absent, CheckpointError when present but unreadable."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, MAX_SIDE_FILE_BYTES, path.name)
 
 
 def _token_text(value: Any) -> str | None:
@@ -180,11 +170,8 @@ def _find_template(folder: Path, tok_config: dict[str, Any]) -> tuple[str | None
     """chat_template.jinja (what newer transformers versions write) takes precedence over tokenizer_config.json,
     as it does in transformers."""
     jinja_path = folder / "chat_template.jinja"
-    if jinja_path.is_file():
-        try:
-            return jinja_path.read_text(encoding="utf-8"), str(jinja_path)
-        except UnicodeDecodeError as e:
-            raise CheckpointError(f"{jinja_path}: not UTF-8 text ({e})") from None
+    if os.path.lexists(jinja_path):
+        return read_text(jinja_path, MAX_TEMPLATE_BYTES, "chat template"), str(jinja_path)
     template = tok_config.get("chat_template")
     source = f"{folder / 'tokenizer_config.json'} (chat_template)"
     if isinstance(template, list):
@@ -195,6 +182,8 @@ def _find_template(folder: Path, tok_config: dict[str, Any]) -> tuple[str | None
         return None, None
     if not isinstance(template, str):
         raise CheckpointError(f"{source}: expected a string, got {type(template).__name__}")
+    if len(template) > MAX_TEMPLATE_BYTES:
+        raise CheckpointError(f"{source}: longer than {MAX_TEMPLATE_BYTES >> 20} MiB, the most a chat template may be")
     return template, source
 
 
@@ -224,7 +213,7 @@ def _parse_arguments(call: Any) -> Any:
     if isinstance(function, dict) and isinstance(function.get("arguments"), str):
         try:
             arguments = json.loads(function["arguments"])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise MoerunError(f"tool call {function.get('name')!r}: arguments are not valid JSON") from None
         return {**call, "function": {**function, "arguments": arguments}}
     return call

@@ -31,3 +31,15 @@ class ModelWeights:
     layers: list[LayerWeights]
     norm: torch.Tensor  # [H]
     lm_head: Any
+
+
+def tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside ModelWeights or one of its entries (dataclasses and lists of tensors, nested), e.g. to
+    count the bytes a loaded model holds."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in tensors(getattr(obj, f.name))]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in tensors(x)]
+    return []

@@ -32,6 +32,23 @@ def hf_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def w8a8_checkpoint(hf_checkpoint, tmp_path_factory):
+    """w8a8_checkpoint(shape_name, dtype, seed=0) -> (W8A8 folder from `moerun quantize --w8a8`, float folder)."""
+    from w8a8_checkpoints import quantize
+
+    made = {}
+
+    def make(shape: str, dtype, seed: int = 0):
+        key = (shape, dtype, seed)
+        if key not in made:
+            folder, _ = hf_checkpoint(shape, dtype, seed)
+            made[key] = (quantize(folder, tmp_path_factory.mktemp("w8a8") / "out"), folder)
+        return made[key]
+
+    return make
+
+
 @pytest.fixture
 def write_yaml(tmp_path):
     """write_yaml(dict, name="run.yaml") -> path of a YAML file in this test's tmp folder."""
@@ -50,3 +67,25 @@ def run_yaml(path, backend: str = "cpu", dtype: str = "float32", block_size: int
         data["kv_cache"]["block_size"] = block_size
     data.update(sections)
     return data
+
+
+@pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory):
+    """The demo checkpoint (tokenizer, chat template, generation_config.json), built once per session."""
+    from moerun.runtime import demo
+
+    folder = tmp_path_factory.mktemp("demo_checkpoint")
+    demo.write_demo_checkpoint(folder)
+    return folder
+
+
+def make_request(params=None, prompt=(1, 2, 3), output=(), seed=0, stop=(), request_id="r", max_tokens=10_000):
+    """A Request as the engine builds it (every sampling default filled), for unit tests of its parts."""
+    from moerun.runtime.request import Request
+    from moerun.runtime.sampling_params import GenerationDefaults, SamplingParams
+
+    params = (params or SamplingParams()).with_defaults(GenerationDefaults())
+    request = Request(request_id=request_id, prompt_token_ids=list(prompt), params=params, max_tokens=max_tokens,
+                      stop_token_ids=frozenset(stop), seed=seed, arrival_time=0.0, detokenizer=None)
+    request.token_ids.extend(output)
+    return request

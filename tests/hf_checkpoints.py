@@ -28,8 +28,11 @@ SHAPES = {
 def build_hf_model(shape: dict, seed: int = 0, vocab_size: int = 211):
     from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
 
+    # transformers 5.17 (the GPU image's) ignores the legacy rotary_dim and rotates every dim; partial_rotary_factor
+    # means the same in every 5.x, so the reference keeps partial RoPE whichever transformers runs it
+    rope = {"partial_rotary_factor": shape["rotary_dim"] / shape["head_dim"]} if "rotary_dim" in shape else {}
     cfg = MiniMaxM2Config(vocab_size=vocab_size, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                          pad_token_id=None, **shape)
+                          pad_token_id=None, **shape, **rope)
     torch.manual_seed(seed)
     model = MiniMaxM2ForCausalLM(cfg).float().eval()
     gen = torch.Generator().manual_seed(seed)

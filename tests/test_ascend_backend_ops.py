@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from w8a8_cases import EXPERT_CASES, LINEAR_CASES, expert_case, linear_case
 
 from moerun.backends.ascend import model_limits, npu_ops
 from moerun.backends.ascend.backend import AscendBackend
 from moerun.backends.base import AttentionMetadata, ExpertWeights, LinearWeight, ModelSpec
 from moerun.backends.cpu import ops as ref
+from moerun.backends.cpu import w8a8 as ref_w8a8
 from moerun.backends.errors import ConfigError, MoerunError, UnsupportedModelError
 from moerun.runtime.run_config import load_run_config, parse_run_config
 
@@ -205,6 +207,40 @@ def test_fp8_weights_never_reach_the_backend(backend):
     with pytest.raises(ValueError, match="dequantize"):
         backend.prepare_linear(LinearWeight(torch.zeros(4, 4), torch.ones(1, 1), (128, 128)))
     assert not backend.capabilities.fp8_weights
+
+
+# ---- W8A8_DYNAMIC (int8 weights, per-token int8 activations) ---------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(LINEAR_CASES))
+def test_w8a8_linear_matches_reference(backend, case):
+    x, w = linear_case(case, backend.dtype)
+    out = backend.linear(x, backend.prepare_linear(w))
+    assert out.dtype == backend.dtype and close(out, ref_w8a8.linear(x, w), backend.dtype)
+
+
+@pytest.mark.parametrize("case", sorted(EXPERT_CASES))
+def test_w8a8_experts_match_reference(backend, case):
+    x, weights, ids, w = expert_case(case, backend.dtype)
+    out = backend.experts(x, weights, ids, backend.prepare_experts(w))
+    assert out.dtype == backend.dtype and close(out, ref_w8a8.experts(x, weights, ids, w), backend.dtype)
+
+
+def test_w8a8_weights_are_laid_out_for_the_int8_kernels(backend):
+    x, w = linear_case("prefill", backend.dtype)
+    linear = backend.prepare_linear(w)
+    assert torch.equal(linear.weight, w.weight.T) and linear.weight.is_contiguous()  # npu_quant_matmul's x2 [in, out]
+    assert linear.scale.dtype == torch.float32
+    _, _, _, e = expert_case("intermediate padded to 64", backend.dtype)
+    experts = backend.prepare_experts(e)
+    assert experts.w13.shape == (6, 64, 128) and experts.w2.shape == (6, 64, 64)  # I = 40 padded to 64
+    assert torch.equal(experts.w13[:, :, :40], e.w13[:, :40].transpose(1, 2))  # gate (w1) columns first
+    assert torch.equal(experts.w13[:, :, 64:104], e.w13[:, 40:].transpose(1, 2))  # then up (w3)
+    assert not experts.w13[:, :, 40:64].any() and not experts.w2[:, 40:].any()  # zero padding
+    assert experts.w2_scale.dtype == ref_w8a8.down_scale_dtype(backend.dtype) and experts.w13_scale.dtype == torch.float32
+
+
+def test_w8a8_is_declared():
+    assert AscendBackend.capabilities.w8a8
 
 
 # ---- check_model -----------------------------------------------------------------------------------------------

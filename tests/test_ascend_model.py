@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_yaml
+from engine_runs import against_full_prefill, greedy_with_logprobs
 from hf_checkpoints import hf_logits
 
-from moerun.runtime.batch import Sequence
 from moerun.runtime.cli import main
 from moerun.runtime.engine import Engine
 from moerun.runtime.parity import compare_logits
-from moerun.runtime.sampling import SamplingParams
+from moerun.runtime.sampling_params import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = [1, 17, 42, 5, 99, 3, 150, 7, 7, 7, 200, 64, 11, 0, 123, 45, 46, 47, 8, 2, 190, 33, 12]
@@ -26,8 +26,8 @@ def checkpoint(hf_checkpoint):
     return hf_checkpoint
 
 
-def ascend_yaml(folder, dtype="float32"):
-    return run_yaml(folder, backend="ascend", dtype=dtype, block_size=128, ascend={"emulate": True})
+def ascend_yaml(folder, dtype="float32", **sections):
+    return run_yaml(folder, backend="ascend", dtype=dtype, block_size=128, ascend={"emulate": True}, **sections)
 
 
 @pytest.mark.parametrize("shape", ["m2_like", "gqa4_half_rope", "mha_full_rope", "gqa6_quarter_rope"])
@@ -70,40 +70,22 @@ def test_demo_configs_agree(capsys):
 
 
 def test_decode_and_chunked_prefill_match_full_prefill(checkpoint, write_yaml):
-    """Ragged sequences prefilled in chunks (mixed batches), then decoded together; prompts cross the 128-token
-    block edge. Every step's logits must equal a single full prefill of the same tokens."""
+    """Ragged requests prefilled in chunks of at most 50 tokens a step (mixed batches), then decoded together;
+    prompts cross the 128-token block edge. Every step's logprobs must equal a single full prefill's."""
     folder, _ = checkpoint("m2_like", torch.float32)
-    engine = Engine.from_config(write_yaml(ascend_yaml(folder)))
+    engine = Engine.from_config(write_yaml(ascend_yaml(folder, scheduler={"max_num_batched_tokens": 50})))
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 211, (n,), generator=gen).tolist() for n in (3, 140, 1, 127)]
-    seqs, done, collected = [Sequence([]) for _ in prompts], [0] * len(prompts), [[] for _ in prompts]
-    while any(d < len(p) for d, p in zip(done, prompts)):  # chunks of up to 50 tokens: prefill and decode mix
-        active = [i for i, p in enumerate(prompts) if done[i] < len(p)]
-        for i in active:
-            take = min(50, len(prompts[i]) - done[i])
-            seqs[i].token_ids.extend(prompts[i][done[i]:done[i] + take])
-            done[i] += take
-        logits = engine.step([seqs[i] for i in active])
-        for row, i in enumerate(active):
-            if done[i] == len(prompts[i]):
-                collected[i].append(logits[row])
-    for _ in range(6):  # decode steps of every sequence at once
-        for seq in seqs:
-            seq.token_ids.append(int(torch.randint(0, 211, (1,), generator=gen)))
-        logits = engine.step(seqs)
-        for i in range(len(seqs)):
-            collected[i].append(logits[i])
-    tokens = [list(s.token_ids) for s in seqs]
-    engine.release(seqs)
-    for prompt, seq_tokens, got in zip(prompts, tokens, collected):
-        full = engine.logits(seq_tokens)[len(prompt) - 1:]
-        assert (torch.stack(got) - full).abs().max() <= 1e-4 * full.abs().max()
+    outputs, entries = greedy_with_logprobs(engine, prompts, steps=6)
+    for prompt, output, seq_entries in zip(prompts, outputs, entries):
+        got, want, argmax, scale = against_full_prefill(engine, prompt, output, seq_entries)
+        assert (got - want).abs().max() <= 1e-4 * scale and output == argmax.tolist()
 
 
 def test_greedy_generation_matches_cpu(checkpoint, write_yaml):
     folder, _ = checkpoint("gqa4_half_rope", torch.float32)
     prompts = [TOKENS[:7], TOKENS[3:5], TOKENS]
-    params = SamplingParams(max_tokens=12)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     cpu = Engine.from_config(write_yaml(run_yaml(folder), "cpu.yaml")).generate(prompts, params)
     ascend = Engine.from_config(write_yaml(ascend_yaml(folder), "ascend.yaml")).generate(prompts, params)
-    assert ascend == cpu
+    assert [o.output_token_ids for o in ascend] == [o.output_token_ids for o in cpu]

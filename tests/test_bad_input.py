@@ -9,9 +9,8 @@ import sys
 
 import pytest
 import torch
+from bad_input import assert_one_line, run_cli
 from conftest import run_yaml
-
-from moerun.runtime.cli import main
 
 
 @pytest.fixture
@@ -23,34 +22,20 @@ def good(hf_checkpoint, tmp_path):
     return copy
 
 
-def _run(argv, capsys):
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [ln for ln in err if ln.startswith("moerun: error:")]
-    return code, errors, err
-
-
 def _logits(cfg, out, ids="1,2,3"):
     return ["logits", "-c", str(cfg), "--token-ids", ids, "--out", str(out)]
 
 
-def _assert_one_line(code, errors, err, pattern):
-    assert code == 2, err
-    assert len(errors) == 1, err
-    assert not any("Traceback" in ln for ln in err)
-    assert pattern in errors[0], errors[0]
-
-
 def test_missing_checkpoint_folder(write_yaml, tmp_path, capsys):
     cfg = write_yaml(run_yaml(tmp_path / "nowhere"))
-    _assert_one_line(*_run(_logits(cfg, tmp_path / "o.npy"), capsys), "nowhere")
+    assert_one_line(*run_cli(_logits(cfg, tmp_path / "o.npy"), capsys), "nowhere")
     assert not (tmp_path / "o.npy").exists()
 
 
 def test_config_of_another_model_type(good, write_yaml, tmp_path, capsys):
     cfg = json.loads((good / "config.json").read_text())
     (good / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    _assert_one_line(*_run(_logits(write_yaml(run_yaml(good)), tmp_path / "o.npy"), capsys),
+    assert_one_line(*run_cli(_logits(write_yaml(run_yaml(good)), tmp_path / "o.npy"), capsys),
                      "model_type 'llama' is not supported")
 
 
@@ -59,12 +44,12 @@ def test_truncated_or_corrupt_safetensors(damage, good, write_yaml, tmp_path, ca
     path = good / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 64 + data[64:])
-    _assert_one_line(*_run(_logits(write_yaml(run_yaml(good)), tmp_path / "o.npy"), capsys), "model.safetensors")
+    assert_one_line(*run_cli(_logits(write_yaml(run_yaml(good)), tmp_path / "o.npy"), capsys), "model.safetensors")
     assert not (tmp_path / "o.npy").exists()
 
 
 def test_unknown_dtype(good, write_yaml, tmp_path, capsys):
-    _assert_one_line(*_run(_logits(write_yaml(run_yaml(good, dtype="float8")), tmp_path / "o.npy"), capsys),
+    assert_one_line(*run_cli(_logits(write_yaml(run_yaml(good, dtype="float8")), tmp_path / "o.npy"), capsys),
                      "model.dtype: 'float8' is not allowed (allowed: float32, bfloat16, float16)")
 
 
@@ -79,19 +64,19 @@ def test_unknown_dtype(good, write_yaml, tmp_path, capsys):
 def test_yaml_typos(mutate, message, good, write_yaml, tmp_path, capsys):
     data = run_yaml(good)
     mutate(data)
-    _assert_one_line(*_run(_logits(write_yaml(data), tmp_path / "o.npy"), capsys), message)
+    assert_one_line(*run_cli(_logits(write_yaml(data), tmp_path / "o.npy"), capsys), message)
 
 
 def test_yaml_syntax_error(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("backend: cpu\nmodel: [unclosed\n")
-    _assert_one_line(*_run(_logits(cfg, tmp_path / "o.npy"), capsys), "not valid YAML")
+    assert_one_line(*run_cli(_logits(cfg, tmp_path / "o.npy"), capsys), "not valid YAML")
 
 
 def test_token_ids_outside_vocabulary(good, write_yaml, tmp_path, capsys):
-    _assert_one_line(*_run(_logits(write_yaml(run_yaml(good)), tmp_path / "o.npy", ids="1,2,211"), capsys),
+    assert_one_line(*run_cli(_logits(write_yaml(run_yaml(good)), tmp_path / "o.npy", ids="1,2,211"), capsys),
                      "token id 211 at position 2 is outside the vocabulary (allowed: 0..210)")
-    _assert_one_line(*_run(_logits(write_yaml(run_yaml(good)), tmp_path / "o.npy", ids="1,x"), capsys),
+    assert_one_line(*run_cli(_logits(write_yaml(run_yaml(good)), tmp_path / "o.npy", ids="1,x"), capsys),
                      "--token-ids: expected comma-separated integers")
     assert not (tmp_path / "o.npy").exists()
 
@@ -103,8 +88,8 @@ def test_mis_shaped_and_unexpected_tensors_name_tensor_and_file(good, write_yaml
     tensors["model.layers.0.self_attn.k_norm.weight"] = torch.ones(7)
     tensors["model.layers.0.extra.weight"] = torch.ones(3)
     save_file(tensors, str(good / "model.safetensors"), metadata={"format": "pt"})
-    code, errors, err = _run(_logits(write_yaml(run_yaml(good)), tmp_path / "o.npy"), capsys)
-    _assert_one_line(code, errors, err, "model.layers.0.extra.weight: unexpected tensor in model.safetensors (and 1 more)")
+    code, errors, err = run_cli(_logits(write_yaml(run_yaml(good)), tmp_path / "o.npy"), capsys)
+    assert_one_line(code, errors, err, "model.layers.0.extra.weight: unexpected tensor in model.safetensors (and 1 more)")
 
 
 def test_mtp_layers_are_ignored_and_layer_cut_works(good, write_yaml):
@@ -120,7 +105,7 @@ def test_mtp_layers_are_ignored_and_layer_cut_works(good, write_yaml):
 
 
 def test_unknown_command_line_option_is_one_line(capsys):
-    code, errors, err = _run(["logits", "--nope"], capsys)
+    code, errors, err = run_cli(["logits", "--nope"], capsys)
     assert code == 2 and len(errors) == 1 and "--nope" in errors[0]
 
 

@@ -84,6 +84,51 @@ def test_paged_attention_matches_sdpa_on_contiguous_sequences():
         assert torch.allclose(out[starts[b]:starts[b + 1]], ref, atol=1e-5)
 
 
+def _paged(lens, hkv, d, block, num_blocks, dtype, seed):
+    """K/V of each sequence written into scattered cache blocks; the contiguous copies and the block tables."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = ops.allocate_kv_cache(num_blocks, block, hkv, d, dtype)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    width = max(-(-n // block) for n in lens)
+    tables, ks, vs = [], [], []
+    for n in lens:
+        blocks = [free.pop() for _ in range(-(-n // block))]
+        tables.append(blocks + [0] * (width - len(blocks)))
+        k, v = torch.randn(n, hkv, d, generator=gen).to(dtype), torch.randn(n, hkv, d, generator=gen).to(dtype)
+        ops.write_kv(cache, k, v, torch.tensor([blocks[p // block] * block + p % block for p in range(n)]))
+        ks.append(k)
+        vs.append(v)
+    return cache, torch.tensor(tables, dtype=torch.int32), ks, vs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_of_a_mixed_step_matches_float64_math(dtype):
+    """Decode rows, prompt chunks after a cached prefix and a whole prompt in one step (both groups of the
+    padded formulation, scattered blocks), against per-sequence float64 softmax(q k^T) v, query head h reading
+    KV head h // 3. fp32 differs only in summation order; bf16 rounds the output once (half an ulp, 2^-9
+    relative) and the probabilities before P @ V (at most 2^-9 max|V|, as FlashAttention does): 2x that."""
+    hq, hkv, d, block = 6, 2, 16, 4
+    lens, q_lens = [9, 1, 14, 30, 7], [1, 1, 3, 30, 1]
+    cache, tables, ks, vs = _paged(lens, hkv, d, block, 32, dtype, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    qs = [torch.randn(n, hq, d, generator=gen).to(dtype) for n in q_lens]
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    out = ops.attention(torch.cat(qs), cache, starts, lens, tables, 0.3)
+    assert out.dtype == dtype
+    for b, (n, q_len) in enumerate(zip(lens, q_lens)):
+        for i in range(q_len):
+            position = n - q_len + i
+            for h in range(hq):
+                k, v = ks[b][:position + 1, h // 3].double(), vs[b][:position + 1, h // 3].double()
+                p = torch.softmax(k @ qs[b][i, h].double() * 0.3, dim=0)
+                ref = p @ v
+                got = out[starts[b] + i, h].double()
+                bound = 1e-5 * ref.abs().max() if dtype == torch.float32 else 2 * 2 ** -9 * (ref.abs() + v.abs().max())
+                assert ((got - ref).abs() <= bound).all(), (b, i, h)
+
+
 def test_routing_and_experts_match_transformers_moe_block():
     hf = _hf()
     from transformers import MiniMaxM2Config
@@ -118,7 +163,8 @@ def test_routing_bias_selects_but_does_not_weigh():
 
 
 def test_experts_with_unused_and_crowded_experts():
-    """All tokens to one expert, several experts with none: dense per-token math as the oracle."""
+    """All tokens to one expert, several experts with none: dense per-token math as the oracle. The intermediate
+    size 5 (20 bytes) is not a multiple of 16 bytes, so this also runs the zero-padded grouped matmul."""
     torch.manual_seed(1)
     e, h, i, t = 6, 8, 5, 10
     w13, w2 = torch.randn(e, 2 * i, h), torch.randn(e, h, i)
@@ -133,3 +179,25 @@ def test_experts_with_unused_and_crowded_experts():
             g, u = w13[ex, :i] @ x[tok], w13[ex, i:] @ x[tok]
             ref += weights[tok, j] * (w2[ex] @ (g * torch.sigmoid(g) * u))
         assert torch.allclose(out[tok], ref, atol=1e-4)
+
+
+def test_bfloat16_experts_round_like_per_expert_linears():
+    """bf16: the grouped matmuls round each expert's outputs as separate F.linear calls would, so a per-pair
+    loop written here (gate/up, SiLU-and-mul, down, each rounded to bf16; combine in fp32) gives the same
+    result up to fp32 summation order."""
+    gen = torch.Generator().manual_seed(4)
+    e, h, i, t, k = 8, 64, 32, 24, 3
+    w13 = (torch.randn(e, 2 * i, h, generator=gen) * 0.2).to(torch.bfloat16)
+    w2 = (torch.randn(e, h, i, generator=gen) * 0.2).to(torch.bfloat16)
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
+    weights, ids = ops.route(torch.randn(t, e, generator=gen), torch.zeros(e), k)
+    out = ops.experts(x, weights, ids, w13, w2)
+    ref = torch.zeros(t, h)
+    for tok in range(t):
+        for j in range(k):
+            ex = ids[tok, j].item()
+            gate_up = torch.nn.functional.linear(x[tok:tok + 1], w13[ex])
+            hidden = torch.nn.functional.silu(gate_up[:, :i]) * gate_up[:, i:]
+            ref[tok] += weights[tok, j] * torch.nn.functional.linear(hidden, w2[ex])[0].float()
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-3 * ref.abs().max()).all()

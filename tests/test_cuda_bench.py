@@ -18,25 +18,46 @@ from moerun.runtime.model import MiniMaxM2Model
 
 def test_bench_runs_on_cpu_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--out", str(out), "--compare", "transformers"]) == 0
+    assert main(["bench", "--out", str(out), "--compare", "transformers", "--hf-variants", "dynamic,static",
+                 "--steps", "4", "--warmup", "1", "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "decode" in printed and "prefill" in printed and "MBU" in printed and "MFU" in printed
     result = json.loads(out.read_text())
     assert result["model"]["name"] == "MiniMax-M2 miniature" and result["plan"]["small"]
+    assert result["machine"]["torch_threads"] == 1 and result["machine"]["cpu_count"] >= 1
     assert [d["batch"] for d in result["decode"]] == [1, 8, 64]
+    for row in [*result["decode"], result["prefill"]]:
+        ours = row["moerun"]
+        assert ours["samples"] == (4 if "batch" in row else 2) and ours["min_ms"] <= ours["median_ms"] <= ours["max_ms"]
+        assert set(row["transformers"]) == {"dynamic", "static"} and row["transformers_fastest"] in row["transformers"]
+        best = row["transformers"][row["transformers_fastest"]]["median_ms"]
+        assert row["speedup"] == pytest.approx(best / ours["median_ms"])
+        # the same seeded token ids, context and position on both sides: float32 logits agree to rounding
+        for timed in row["transformers"].values():
+            assert timed["logits_rel_diff"] <= 1e-4
     for d in result["decode"]:
         assert d["experts_counted"] and 1 <= d["distinct_experts_per_layer"] <= bench.SMALL["num_experts"]
-        assert d["step_ms"] > 0 and math.isfinite(d["mbu"]) and d["mbu"] > 0
+        assert d["step_ms"] > 0 and math.isfinite(d["mbu"]) and d["mbu"] > 0 and "moerun_eager" not in d
     assert result["prefill"]["tokens"] == 256 and result["prefill"]["mfu"] > 0
-    hf = result["transformers"]
-    assert [d["batch"] for d in hf["decode"]] == [1, 8, 64] and hf["prefill"]["ms"] > 0
+    assert result["transformers"]["missing"] == {}
     assert result["machine"]["copy_bandwidth_gb_s"] > 0 and result["machine"]["matmul_tflops"] > 0
+
+
+def test_measurements_are_interleaved_in_alternating_order():
+    calls = []
+    steps = {"a": lambda: calls.append("a"), "b": (lambda: calls.append("b"), lambda: calls.append("reset b"))}
+    times = bench.time_interleaved(steps, CpuBackend({}, torch.float32), warmup=1, runs=3)
+    assert calls == ["a", "b", "reset b", "a", "b", "reset b", "b", "reset b", "a", "a", "b", "reset b"]
+    assert [len(t) for t in times.values()] == [3, 3]
+    assert bench.spread([0.003, 0.001, 0.002]) == {"median_ms": 2.0, "min_ms": 1.0, "max_ms": 3.0, "samples": 3}
 
 
 def test_bench_options_are_checked(tmp_path, capsys):
     assert main(["bench", "--batches", "1,x", "--out", str(tmp_path / "b.json")]) == 2
     assert "--batches: expected comma-separated integers" in capsys.readouterr().err
     assert main(["bench", "--fp8", "--compare", "transformers"]) == 2
+    assert main(["bench", "--compare", "transformers", "--hf-variants", "static,fast"]) == 2
+    assert "--hf-variants: fast (allowed: dynamic, static, compiled)" in capsys.readouterr().err
 
 
 def test_decode_bytes_counted_from_the_dimensions():

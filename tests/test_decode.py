@@ -1,77 +1,55 @@
-"""Incremental decode over the paged cache against one full prefill of the same tokens, on ragged batches."""
+"""Decode over the paged cache, through the engine's scheduler and sampler, against one full prefill of the same
+tokens (transformers-checked by tests/test_hf_parity.py): ragged batches, block edges, chunked mixed steps."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import run_yaml
+from engine_runs import against_full_prefill, greedy_with_logprobs
 
-from moerun.runtime.batch import Sequence
 from moerun.runtime.engine import Engine
+from moerun.runtime.sampling_params import RequestError
+
+PROMPTS = [[5, 6, 7], list(range(10, 50)), [200, 1], list(range(100, 117))]  # ragged; crosses block edges
 
 
-def _continuations(engine, prompts, steps, chunk=None):
-    """Feed prompts (optionally in prefill chunks), then `steps` forced tokens each, one decode step at a time.
-    Returns per sequence the logits predicted at every position from len(prompt)-1 on."""
-    gen = torch.Generator().manual_seed(11)
-    forced = [torch.randint(0, engine.config.vocab_size, (steps,), generator=gen).tolist() for _ in prompts]
-    seqs = [Sequence([]) for _ in prompts]
-    collected = [[] for _ in prompts]
-    # chunked prefill: every sequence advances by at most `chunk` tokens per step (a mixed batch)
-    done = [0] * len(prompts)
-    while any(d < len(p) for d, p in zip(done, prompts)):
-        active = []
-        for i, p in enumerate(prompts):
-            if done[i] < len(p):
-                take = len(p) - done[i] if chunk is None else min(chunk, len(p) - done[i])
-                seqs[i].token_ids.extend(p[done[i]:done[i] + take])
-                done[i] += take
-                active.append(i)
-        logits = engine.step([seqs[i] for i in active])
-        for row, i in enumerate(active):
-            if done[i] == len(prompts[i]):
-                collected[i].append(logits[row])
-    for s in range(steps):
-        for i, seq in enumerate(seqs):
-            seq.token_ids.append(forced[i][s])
-        logits = engine.step(seqs)
-        for i in range(len(seqs)):
-            collected[i].append(logits[i])
-    tokens = [list(s.token_ids) for s in seqs]
-    engine.release(seqs)
-    return tokens, [torch.stack(c) for c in collected]
+def assert_logprobs_match_full_prefill(engine, prompt, output, entries, tolerance):
+    got, want, argmax, scale = against_full_prefill(engine, prompt, output, entries)
+    assert output == argmax.tolist() == [e.token_id for e in entries]
+    assert (got - want).abs().max() <= tolerance * scale
 
 
-@pytest.mark.parametrize("block_size,chunk", [(16, None), (32, None), (16, 5)], ids=["bs16", "bs32", "chunked"])
-def test_incremental_decode_matches_full_prefill(block_size, chunk, hf_checkpoint, write_yaml):
+@pytest.mark.parametrize("block_size,batched_tokens", [(16, 2048), (32, 2048), (16, 5)], ids=["bs16", "bs32", "chunked"])
+def test_incremental_decode_matches_full_prefill(block_size, batched_tokens, hf_checkpoint, write_yaml):
     folder, _ = hf_checkpoint("gqa6_quarter_rope", torch.float32)
-    engine = Engine.from_config(write_yaml(run_yaml(folder, block_size=block_size)))
-    prompts = [[5, 6, 7], list(range(10, 50)), [200, 1], list(range(100, 117))]  # ragged; crosses block edges
-    tokens, incremental = _continuations(engine, prompts, steps=20, chunk=chunk)
-    assert engine.cache.num_free_blocks == engine.cache.num_blocks  # everything released
-    for prompt, seq_tokens, inc in zip(prompts, tokens, incremental):
-        full = engine.logits(seq_tokens)[len(prompt) - 1:]
-        assert (inc - full).abs().max() <= 1e-4 * full.abs().max()
-        assert torch.equal(inc.argmax(-1), full.argmax(-1))
+    engine = Engine.from_config(write_yaml(run_yaml(folder, block_size=block_size,
+                                                    scheduler={"max_num_batched_tokens": batched_tokens})))
+    outputs, entries = greedy_with_logprobs(engine, PROMPTS, steps=20)
+    assert engine.stats().kv_blocks_used == 0  # everything released
+    for prompt, output, seq_entries in zip(PROMPTS, outputs, entries):
+        assert len(output) == 20
+        assert_logprobs_match_full_prefill(engine, prompt, output, seq_entries, 1e-4)
 
 
 def test_batch_composition_does_not_change_results(hf_checkpoint, write_yaml):
-    """A sequence's logits do not depend on which other sequences share its step."""
+    """A request's tokens and logprobs do not depend on which other requests share its steps."""
     folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)
     engine = Engine.from_config(write_yaml(run_yaml(folder)))
-    alone = engine.logits(list(range(30, 60)))
-    seqs = [Sequence([1, 2, 3]), Sequence(list(range(30, 60))), Sequence([9] * 17)]
-    together = engine.step(seqs, all_logits=True)[3:33]
-    engine.release(seqs)
-    assert (alone - together).abs().max() <= 1e-5 * alone.abs().max()
+    alone_tokens, alone_entries = greedy_with_logprobs(engine, [list(range(30, 60))], steps=12)
+    tokens, entries = greedy_with_logprobs(engine, [[1, 2, 3], list(range(30, 60)), [9] * 17], steps=12)
+    assert tokens[1] == alone_tokens[0]
+    for a, b in zip(alone_entries[0], entries[1]):
+        assert abs(a.logprob - b.logprob) <= 1e-5
 
 
-def test_kv_cache_exhaustion_is_a_clear_error(hf_checkpoint, write_yaml):
-    from moerun.backends.errors import MoerunError
-
+def test_a_request_larger_than_the_cache_is_refused_at_add_time(hf_checkpoint, write_yaml):
+    """Without scheduler.max_model_len the context limit is what the cache holds (2 blocks of 16 here)."""
     folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)
     data = run_yaml(folder)
     data["kv_cache"]["num_blocks"] = 2
     engine = Engine.from_config(write_yaml(data))
-    with pytest.raises(MoerunError, match="KV cache full.*kv_cache.num_blocks"):
+    assert engine.max_model_len == 32
+    with pytest.raises(RequestError, match=r"maximum context length is 32 tokens\. However, you requested 40 tokens"):
         engine.logits(list(range(40)))
+    assert not engine.has_unfinished_requests()

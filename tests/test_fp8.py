@@ -41,6 +41,25 @@ def test_dequantize_matches_tilewise_numpy(tmp_path):
     assert torch.equal(stacked[1], 2 * dequantize_numpy(q, s, (32, 16)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_every_e4m3_value_into_a_strided_destination(dtype):
+    """Every byte value (subnormals, +-448, both NaNs) among random ones in a ragged [300, 200] weight, written through a transposed
+    view as a backend layout would have it: equal to torch's own float8 cast times the tile's scale (numpy),
+    rounded once to dtype."""
+    from fp8_checkpoints import dequantize_numpy
+
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (300, 200), dtype=torch.uint8, generator=gen)
+    raw.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    q, block = raw.view(torch.float8_e4m3fn), (128, 64)
+    s = torch.rand(3, 4, generator=gen) * 1e-2
+    out = torch.empty(200, 300, dtype=dtype).T
+    dequantize_fp8_block(q, s, block, dtype, out=out)
+    ref = dequantize_numpy(q, s, block).to(dtype)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
 def test_fp8_checkpoint_missing_scale_names_tensor(hf_checkpoint, write_yaml, tmp_path):
     from safetensors.torch import save_file
 
@@ -59,7 +78,7 @@ def test_fp8_stacks_handed_to_an_fp8_backend_keep_every_block_scale(hf_checkpoin
     them itself at use; if any expert's or gate/up half's scales landed in the wrong slot, logits would move."""
     import dataclasses
 
-    import moerun.runtime.engine as engine_module
+    import moerun.runtime.model_runner as model_runner
     from hf_checkpoints import hf_logits
     from moerun.backends.cpu.backend import CpuBackend
     from transformers import MiniMaxM2ForCausalLM
@@ -83,7 +102,7 @@ def test_fp8_stacks_handed_to_an_fp8_backend_keep_every_block_scale(hf_checkpoin
 
     folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)
     make_fp8_pair(folder, tmp_path / "fp8", tmp_path / "ref", (16, 16))
-    monkeypatch.setattr(engine_module, "get_backend_class", lambda name: Fp8Backend)
+    monkeypatch.setattr(model_runner, "get_backend_class", lambda name: Fp8Backend)
     ours = Engine.from_config(write_yaml(run_yaml(tmp_path / "fp8"))).logits(TOKENS)
     ref = hf_logits(MiniMaxM2ForCausalLM.from_pretrained(tmp_path / "ref", dtype=torch.float32), TOKENS)
     assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()

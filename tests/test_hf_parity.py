@@ -61,12 +61,12 @@ def test_logits_command_writes_transformers_logits(hf_checkpoint, write_yaml, tm
 
 def test_greedy_generation_matches_transformers_generate(hf_checkpoint, write_yaml):
     """Decode over the paged cache against transformers' own KV-cached greedy generation."""
-    from moerun.runtime.sampling import SamplingParams
+    from moerun.runtime.sampling_params import SamplingParams
 
     folder, model = hf_checkpoint("gqa4_half_rope", torch.float32)
     engine = Engine.from_config(write_yaml(run_yaml(folder, block_size=16)))
     prompt = TOKENS[:7]
-    ours = engine.generate([prompt], SamplingParams(max_tokens=20))[0]
+    ours = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].output_token_ids
     model.config._attn_implementation = "eager"
     with torch.no_grad():
         ref = model.float().generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,

@@ -67,15 +67,12 @@ def attention(ops: ModuleType, q: torch.Tensor, cache: PagedKV, meta: AttentionM
               mask: torch.Tensor) -> torch.Tensor:
     """Causal GQA attention of packed queries q [T, heads, head_dim] over the paged cache -> [T, heads, head_dim]."""
     num_blocks, block_size, kv_heads, dim = cache.key.shape
-    query_ends = []
-    for n in meta.query_lens_host:  # TND: the query lengths are cumulative ...
-        query_ends.append((query_ends[-1] if query_ends else 0) + n)
     out, _ = ops.npu_fused_infer_attention_score(
         _pad(q, dim).contiguous(),
         cache.key.view(num_blocks, block_size, kv_heads * dim),
         cache.value.view(num_blocks, block_size, kv_heads * dim),
         atten_mask=mask,
-        actual_seq_lengths=query_ends,
+        actual_seq_lengths=meta.query_start_loc_host[1:],  # TND: the query lengths are cumulative ...
         actual_seq_lengths_kv=list(meta.seq_lens_host),  # ... but with a block table the KV lengths are per request
         block_table=meta.block_tables,
         num_heads=q.shape[1],

@@ -12,8 +12,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moerun.backends.ascend import attention, model_limits, moe, npu_ops, rotary
-from moerun.backends.base import AttentionMetadata, Backend, Capabilities, ExpertWeights, LinearWeight, ModelSpec
+from moerun.backends.ascend import attention, model_limits, moe, npu_ops, rotary, w8a8
+from moerun.backends.base import (
+    AttentionMetadata, Backend, Capabilities, ExpertWeights, LinearWeight, ModelSpec, W8A8ExpertWeights,
+    W8A8LinearWeight)
 
 
 class AscendBackend(Backend):
@@ -24,8 +26,15 @@ class AscendBackend(Backend):
         # Paged FIA prefill takes multiples of 128 up to 512; vllm-ascend runs 128 only, and so does moerun.
         kv_block_sizes=(128,),
         fp8_weights=False,  # A2/A3 have no FP8: the loader dequantizes FP8 checkpoints to the model dtype
+        w8a8=True,  # msModelSlim W8A8_DYNAMIC checkpoints run on the int8 operators (w8a8.py)
     )
     default_options = {"emulate": False, "device": "npu:0"}
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any] | None, key_path: str) -> dict[str, Any]:
+        options = super().validate_options(options, key_path)
+        npu_ops.parse_device(options["device"], f"{key_path}.device")  # a typo shows up on any machine
+        return options
 
     def __init__(self, options: dict[str, Any], dtype: torch.dtype) -> None:
         super().__init__(options, dtype)
@@ -44,12 +53,19 @@ class AscendBackend(Backend):
         return f"ascend on {self._source.device} ({self._source.label})"
 
     # ---- weights ----
-    def prepare_linear(self, w: LinearWeight) -> torch.Tensor:
+    def prepare_linear(self, w: LinearWeight | W8A8LinearWeight) -> torch.Tensor | w8a8.AscendW8A8Linear:
+        if isinstance(w, W8A8LinearWeight):
+            return w8a8.prepare_linear(w, self.device)
         if w.scale_inv is not None:
             raise ValueError("ascend: an FP8 linear weight reached the backend; the loader must dequantize it")
         return w.weight.to(self.device)
 
-    def prepare_experts(self, w: ExpertWeights) -> moe.AscendExperts:
+    def empty_experts(self, num_experts, hidden_size, intermediate_size, dtype, device) -> ExpertWeights:
+        return moe.empty(num_experts, hidden_size, intermediate_size, dtype, device)
+
+    def prepare_experts(self, w: ExpertWeights | W8A8ExpertWeights) -> moe.AscendExperts | w8a8.AscendW8A8Experts:
+        if isinstance(w, W8A8ExpertWeights):
+            return w8a8.prepare_experts(w, self.dtype, self.device)
         return moe.prepare(w, self.device)
 
     # ---- KV cache ----
@@ -61,6 +77,8 @@ class AscendBackend(Backend):
 
     # ---- ops ----
     def linear(self, x, w):
+        if isinstance(w, w8a8.AscendW8A8Linear):
+            return w8a8.linear(self._ops, x, w)
         return F.linear(x, w)  # a plain aten matmul, which torch_npu runs on the NPU's cube units
 
     def rms_norm(self, x, weight, eps):
@@ -81,7 +99,9 @@ class AscendBackend(Backend):
     def route(self, router_logits, bias, top_k):
         return moe.route(self._ops, router_logits, bias, top_k)
 
-    def experts(self, x, weights, ids, experts: moe.AscendExperts):
+    def experts(self, x, weights, ids, experts: moe.AscendExperts | w8a8.AscendW8A8Experts):
+        if isinstance(experts, w8a8.AscendW8A8Experts):
+            return w8a8.experts(self._ops, x, weights, ids, experts)
         return moe.experts(self._ops, x, weights, ids, experts)
 
     def synchronize(self) -> None:

@@ -3,8 +3,8 @@ with the same names, signatures, defaults, layouts, index conventions and output
 
 Each op checks its documented limits and raises ConstraintError where the NPU would fail or silently return
 garbage, and NotEmulatedError for documented features moerun does not use. One deliberate deviation, float32
-attention, is described in emulated_attention. Module-level names mirror torch_npu, so the backend cannot tell
-the two apart (see npu_ops.load).
+activations for fused attention and the W8A8 ops, is described in emulated_attention and emulated_quant.
+Module-level names mirror torch_npu, so the backend cannot tell the two apart (see npu_ops.load).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from moerun.backends.ascend.emulated_attention import npu_fused_infer_attention_
 from moerun.backends.ascend.emulated_checks import ConstraintError, NotEmulatedError
 from moerun.backends.ascend.emulated_elementwise import npu_add_rms_norm, npu_rms_norm, npu_rotary_mul, npu_swiglu
 from moerun.backends.ascend.emulated_matmul import npu_grouped_matmul
+from moerun.backends.ascend.emulated_quant import npu_dequant_swiglu_quant, npu_dynamic_quant, npu_quant_matmul
 from moerun.backends.ascend.emulated_routing import (
     npu_moe_gating_top_k, npu_moe_init_routing_v2, npu_moe_token_unpermute)
 
@@ -28,4 +29,5 @@ __all__ = [
     "npu_fused_infer_attention_score", "npu_scatter_pa_kv_cache",
     "npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_rotary_mul",
     "npu_moe_gating_top_k", "npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_moe_token_unpermute",
+    "npu_dynamic_quant", "npu_quant_matmul", "npu_dequant_swiglu_quant",
 ]

@@ -21,11 +21,22 @@ MIN_EXPERTS = 3  # npu_moe_gating_top_k: experts per group (one group) must be >
 MAX_TOP_K = 512  # npu_moe_token_unpermute: topK_num <= 512
 INNER_LIMIT = 65536  # npu_grouped_matmul: every inner dim < 65536 on A2/A3
 MAX_ROTARY_DIM = 896  # npu_rotary_mul: D < 896 and even
+W8A8_INTERMEDIATE_ALIGN = 64  # npu_dequant_swiglu_quant with group_index: H (here I) 64-aligned ...
+W8A8_MAX_INTERMEDIATE = 10496  # ... and <= 10496
 
 
 def padded_head_dim(head_dim: int) -> int:
     """The head dim the attention kernel sees: the smallest supported one that holds head_dim."""
     return next(d for d in ATTENTION_HEAD_DIMS if d >= head_dim)
+
+
+def padded_intermediate(inter: int) -> int:
+    """The expert intermediate size the W8A8 kernels see: I rounded up to a multiple of 64 (zero-padded, exact)."""
+    padded = -(-inter // W8A8_INTERMEDIATE_ALIGN) * W8A8_INTERMEDIATE_ALIGN
+    if padded > W8A8_MAX_INTERMEDIATE:
+        raise UnsupportedModelError(f"ascend: W8A8 intermediate_size {inter} is not supported: npu_dequant_swiglu_quant "
+                                    f"takes at most {W8A8_MAX_INTERMEDIATE}; see docs/ascend.md")
+    return padded
 
 
 def check_model(spec: ModelSpec, block_sizes: tuple[int, ...], float32_attention: bool) -> None:

@@ -8,7 +8,7 @@
   npu_moe_token_unpermute   back to token order, weighted sum over each token's k experts
 
 Not npu_moe_finalize_routing: vllm-ascend documents that it "will lead to accuracy issues" and combines with
-npu_moe_token_unpermute instead (docs/ascend.md).
+npu_moe_token_unpermute instead (docs/ascend.md). The W8A8 experts (w8a8.py) share dispatch and combine.
 """
 
 from __future__ import annotations
@@ -35,13 +35,21 @@ class AscendExperts:
     w2: torch.Tensor  # [E, I, H]
 
 
+def empty(num_experts: int, hidden: int, inter: int, dtype: torch.dtype, device: torch.device) -> ExpertWeights:
+    """The loader's [E, 2I, H] and [E, H, I] stacks as views of (E, H, 2I) and (E, I, H) tensors: filled through
+    the views, the stacks are already in grouped-matmul layout and prepare's transpose copies nothing."""
+    return ExpertWeights(w13=torch.empty(num_experts, hidden, 2 * inter, dtype=dtype, device=device).transpose(1, 2),
+                         w2=torch.empty(num_experts, inter, hidden, dtype=dtype, device=device).transpose(1, 2))
+
+
 def prepare(w: ExpertWeights, device: torch.device) -> AscendExperts:
     if w.block is not None or w.w13_scale_inv is not None:
         raise ValueError("ascend: FP8 expert weights reached the backend; capabilities.fp8_weights is False, "
                          "so the loader must dequantize them")
     # [E, 2I, H] -> [E, H, 2I]: the gate rows of w13 become the first I output columns, which is the half
-    # npu_swiglu gates (swish(A) * B with A the first half), so no reordering is needed.
-    # The loader stacks on the host: transpose there, so the device receives one copy in its final layout.
+    # npu_swiglu gates (swish(A) * B with A the first half), so no reordering is needed. Stacks from `empty` are
+    # transposed views already (contiguous() is free); others are transposed here, on the host, so the device
+    # receives one copy in its final layout.
     return AscendExperts(w13=w.w13.transpose(1, 2).contiguous().to(device),
                          w2=w.w2.transpose(1, 2).contiguous().to(device))
 
@@ -59,17 +67,37 @@ def route(ops: ModuleType, router_logits: torch.Tensor, bias: torch.Tensor,
 def experts(ops: ModuleType, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
             w: AscendExperts) -> torch.Tensor:
     """sum_j weights[t, j] * SwiGLU_expert(ids[t, j])(x[t]) -> [T, H] in x's dtype."""
-    num_tokens, top_k = ids.shape
-    num_experts = w.w13.shape[0]
-    permuted, row_of_pair, counts, _ = ops.npu_moe_init_routing_v2(
-        x.contiguous(), ids.to(torch.int32).contiguous(), active_num=num_tokens * top_k, expert_num=num_experts,
-        expert_tokens_num_type=COUNT, expert_tokens_num_flag=True, active_expert_range=[0, num_experts],
-        quant_mode=-1, row_idx_type=GATHER_INDEX)
-    counts = counts.to(torch.int64)
-    gate_up = ops.npu_grouped_matmul([permuted], [w.w13], group_list=counts, split_item=SINGLE_OUTPUT,
+    routed = dispatch(ops, x, ids, w.w13.shape[0])
+    gate_up = ops.npu_grouped_matmul([routed.rows], [w.w13], group_list=routed.counts, split_item=SINGLE_OUTPUT,
                                      group_type=GROUP_ALONG_M, group_list_type=COUNT)[0]
     hidden = ops.npu_swiglu(gate_up, dim=-1)
-    down = ops.npu_grouped_matmul([hidden], [w.w2], group_list=counts, split_item=SINGLE_OUTPUT,
+    down = ops.npu_grouped_matmul([hidden], [w.w2], group_list=routed.counts, split_item=SINGLE_OUTPUT,
                                   group_type=GROUP_ALONG_M, group_list_type=COUNT)[0]
-    # probs in the tokens' dtype: the one combination the kernel documents for certain (fp32 tokens keep fp32 weights)
-    return ops.npu_moe_token_unpermute(down, row_of_pair, probs=weights.to(down.dtype))
+    return combine(ops, down, routed, weights)
+
+
+@dataclasses.dataclass
+class Routed:
+    """Token-expert pairs sorted by expert, as npu_moe_init_routing_v2 returns them."""
+
+    rows: torch.Tensor  # [T*K, H]: the token of each pair, grouped by expert
+    row_of_pair: torch.Tensor  # int32 [T*K]: row of pair (t, j) at t*K + j
+    counts: torch.Tensor  # int64 [E]: rows per expert (group_list_type COUNT)
+    row_scale: torch.Tensor  # fp32 [T*K]: the per-token scale handed in, carried to each row (else undefined)
+
+
+def dispatch(ops: ModuleType, x: torch.Tensor, ids: torch.Tensor, num_experts: int,
+             token_scale: torch.Tensor | None = None) -> Routed:
+    """Sort the T*K pairs by expert. x may be int8 with its per-token scale, which each row then carries."""
+    num_tokens, top_k = ids.shape
+    rows, row_of_pair, counts, row_scale = ops.npu_moe_init_routing_v2(
+        x.contiguous(), ids.to(torch.int32).contiguous(), scale=token_scale, active_num=num_tokens * top_k,
+        expert_num=num_experts, expert_tokens_num_type=COUNT, expert_tokens_num_flag=True,
+        active_expert_range=[0, num_experts], quant_mode=-1, row_idx_type=GATHER_INDEX)
+    return Routed(rows, row_of_pair, counts.to(torch.int64), row_scale)
+
+
+def combine(ops: ModuleType, down: torch.Tensor, routed: Routed, weights: torch.Tensor) -> torch.Tensor:
+    """Back to token order, weighted over each token's k experts. Probs in the tokens' dtype: the one combination
+    the kernel documents for certain (fp32 tokens keep fp32 weights)."""
+    return ops.npu_moe_token_unpermute(down, routed.row_of_pair, probs=weights.to(down.dtype))

@@ -17,9 +17,9 @@ from types import ModuleType
 import torch
 
 from moerun.backends.ascend import emulation
-from moerun.backends.errors import ConfigError, MoerunError
+from moerun.backends.errors import ConfigError, MoerunError, shown
 
-DEVICE_PATTERN = re.compile(r"^npu(?::(\d+))?$")
+DEVICE_PATTERN = re.compile(r"npu(?::(\d{1,4}))?")
 DOCS = "docs/ascend.md"
 
 _announced = False  # the emulation notice goes to stderr once per process, not once per engine
@@ -35,9 +35,9 @@ class OpSource:
 
 
 def parse_device(device: str, key_path: str = "ascend.device") -> int:
-    match = DEVICE_PATTERN.match(device)
+    match = DEVICE_PATTERN.fullmatch(device)
     if not match:
-        raise ConfigError(f"{key_path}: expected 'npu' or 'npu:N', got {device!r}")
+        raise ConfigError(f"{key_path}: expected 'npu' or 'npu:N', got {shown(device)}")
     return int(match.group(1) or 0)
 
 
@@ -50,7 +50,7 @@ def load(emulate: bool, device: str) -> OpSource:
     torch_npu = import_torch_npu()
     visible = torch_npu.npu.device_count()
     if index >= visible:
-        raise MoerunError(f"ascend.device {device!r}: torch_npu sees {visible} NPU(s); check `npu-smi info` and "
+        raise MoerunError(f"ascend.device {shown(device)}: torch_npu sees {visible} NPU(s); check `npu-smi info` and "
                           f"ASCEND_RT_VISIBLE_DEVICES, or pick npu:0..npu:{max(visible - 1, 0)} (see {DOCS})")
     torch_npu.npu.set_device(index)
     return OpSource(ops=torch_npu, device=f"npu:{index}", label=f"torch_npu {torch_npu.__version__}",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from moerun.backends.base import AttentionMetadata, Backend, Capabilities
-from moerun.backends.cpu import ops
+from moerun.backends.base import (
+    AttentionMetadata, Backend, Capabilities, LinearWeight, W8A8ExpertWeights, W8A8LinearWeight)
+from moerun.backends.cpu import ops, w8a8
+from moerun.backends.errors import ConfigError, shown
 
 
 class CpuBackend(Backend):
@@ -17,8 +20,19 @@ class CpuBackend(Backend):
         dtypes=(torch.float32, torch.bfloat16, torch.float16),
         kv_block_sizes=(16, 32, 64, 128, 256),
         fp8_weights=False,
+        w8a8=True,  # the reference W8A8 arithmetic of w8a8.py, so `backend: cpu` runs W8A8 checkpoints
     )
     default_options = {"threads": 0}  # 0: torch's default
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any] | None, key_path: str) -> dict[str, Any]:
+        options = super().validate_options(options, key_path)
+        # Far more threads than cores only slows torch down; thousands make OpenMP crash the process.
+        most = max_threads()
+        if not 0 <= options["threads"] <= most:
+            raise ConfigError(f"{key_path}.threads: {shown(options['threads'])} is out of range "
+                              f"(allowed: 0..{most}, 0 = torch's default; this machine has {os.cpu_count()} CPUs)")
+        return options
 
     def __init__(self, options: dict[str, Any], dtype: torch.dtype) -> None:
         super().__init__(options, dtype)
@@ -29,6 +43,12 @@ class CpuBackend(Backend):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def prepare_linear(self, w: LinearWeight | W8A8LinearWeight):
+        return w if isinstance(w, W8A8LinearWeight) else w.weight
+
+    def prepare_experts(self, w):
+        return w  # built on the host, which is this backend's device
+
     def allocate_kv_cache(self, num_blocks, block_size, num_kv_heads, head_dim, dtype):
         return ops.allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
 
@@ -36,7 +56,7 @@ class CpuBackend(Backend):
         ops.write_kv(kv_cache, k, v, meta.slot_mapping)
 
     def linear(self, x, w):
-        return F.linear(x, w)
+        return w8a8.linear(x, w) if isinstance(w, W8A8LinearWeight) else F.linear(x, w)
 
     def rms_norm(self, x, weight, eps):
         return ops.rms_norm(x, weight, eps)
@@ -45,13 +65,21 @@ class CpuBackend(Backend):
         return ops.rotary(q, k, cos, sin)
 
     def attention(self, q, kv_cache, meta: AttentionMetadata, scale):
-        starts = [0]
-        for n in meta.query_lens_host:
-            starts.append(starts[-1] + n)
-        return ops.attention(q, kv_cache, starts, meta.seq_lens_host, meta.block_tables, scale)
+        plan = meta.derived.get("cpu_attention_plan")
+        if plan is None:
+            plan = meta.derived["cpu_attention_plan"] = ops.attention_plan(
+                meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables, kv_cache, q.dtype)
+        return ops.attention(q, kv_cache, meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables, scale, plan)
 
     def route(self, router_logits, bias, top_k):
         return ops.route(router_logits, bias, top_k)
 
     def experts(self, x, weights, ids, experts):
+        if isinstance(experts, W8A8ExpertWeights):
+            return w8a8.experts(x, weights, ids, experts)
         return ops.experts(x, weights, ids, experts.w13, experts.w2)
+
+
+def max_threads() -> int:
+    return 4 * (os.cpu_count() or 1)
+

@@ -7,6 +7,10 @@ directly as their oracle, so they take plain tensors (no backend state) and work
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -45,35 +49,82 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     kv_cache[1].view(num_blocks * block_size, heads, dim)[slot_mapping] = v.to(kv_cache.dtype)
 
 
-def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first seq_len cached K and V of one sequence, [seq_len, Hkv, D] each."""
-    block_size = kv_cache.shape[2]
-    blocks = block_table[: (seq_len + block_size - 1) // block_size].long()
-    k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
-    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
-    return k, v
+@dataclasses.dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences of one step attended together in one padded SDPA call: [b, Qmax] queries over [b, S] keys."""
+
+    query_rows: torch.Tensor  # int64 [b, Qmax]: packed row of each padded query (padding repeats the last row)
+    valid: torch.Tensor  # bool [b, Qmax]: False on padding
+    key_slots: torch.Tensor  # int64 [b * S]: cache slot of each key (S covers whole blocks)
+    mask: torch.Tensor  # [b, 1, Qmax, S] added to the scores: 0 where attended (causal, in the sequence), -inf else
+    # Where each layer gathers the group's K and V [b, S, Hkv, D]: allocated once per step, not once per layer
+    # (a fresh allocation of this size is fresh pages from the OS, whose first touch costs more than the copy).
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def attention_plan(query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor,
+                   kv_cache: torch.Tensor, dtype: torch.dtype) -> list[AttentionGroup]:
+    """The index tensors, masks and gather buffers of one step's attention, the same in every layer: built once per
+    step. The mask is additive in the query dtype (SDPA would convert a boolean one on every call).
+
+    Decode rows (one new token) and prefill rows (several) form separate groups, so a long prompt chunk does not
+    pad every decode row of a mixed batch to its length."""
+    device = block_tables.device
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    bounds = torch.tensor(query_start_loc, dtype=torch.int64, device=device)
+    starts, q_lens = bounds[:-1], bounds[1:] - bounds[:-1]
+    lens = torch.tensor(seq_lens, dtype=torch.int64, device=device)
+    groups = []
+    for members in (q_lens == 1, q_lens > 1):
+        seqs = members.nonzero().squeeze(1)
+        if seqs.numel() == 0:
+            continue
+        q_len, seq_len = q_lens[seqs, None], lens[seqs, None]
+        width = -(-int(seq_len.max()) // block_size)
+        offset = torch.arange(int(q_len.max()), device=device)[None, :]
+        last = torch.minimum(offset, q_len - 1)
+        position = seq_len - q_len + last  # each query's position; a padded row copies its sequence's last one
+        hidden = torch.arange(width * block_size, device=device)[None, None, :] > position[:, :, None]
+        slots = block_tables[seqs, :width].long()[:, :, None] * block_size + torch.arange(block_size, device=device)
+        gathered = (len(seqs), width * block_size, kv_heads, head_dim)
+        groups.append(AttentionGroup(
+            query_rows=starts[seqs, None] + last, valid=offset < q_len, key_slots=slots.flatten(),
+            mask=torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, -math.inf)[:, None],
+            keys=kv_cache.new_empty(gathered), values=kv_cache.new_empty(gathered)))
+    return groups
 
 
 def attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: list[int], seq_lens: list[int],
-              block_tables: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal GQA attention, one sequence at a time, in fp32. Query i of a sequence with q_len new tokens sits at
-    position seq_len - q_len + i and sees keys 0..that position."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
+              block_tables: torch.Tensor, scale: float, plan: list[AttentionGroup] | None = None) -> torch.Tensor:
+    """Causal GQA attention over the paged cache. Query i of a sequence with q_len new tokens sits at position
+    seq_len - q_len + i and sees keys 0..that position. Each group's K/V pages are gathered in the cache dtype
+    and attended in one scaled_dot_product_attention call (fp32 softmax and accumulation inside); query head h
+    reads KV head h // (Hq / Hkv), and K/V are never repeated per query head."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, num_blocks, block_size, kv_heads, _ = kv_cache.shape
+    if plan is None:
+        plan = attention_plan(query_start_loc, seq_lens, block_tables, kv_cache, q.dtype)
+    keys = kv_cache[0].view(num_blocks * block_size, kv_heads, head_dim)
+    values = kv_cache[1].view(num_blocks * block_size, kv_heads, head_dim)
     out = torch.empty_like(q)
-    for b, seq_len in enumerate(seq_lens):
-        start, end = query_start_loc[b], query_start_loc[b + 1]
-        q_len = end - start
-        k, v = gather_kv(kv_cache, block_tables[b], seq_len)
-        group = num_heads // k.shape[1]
-        k = k.float().repeat_interleave(group, dim=1)  # [S, Hq, D]
-        v = v.float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-        k_pos = torch.arange(seq_len, device=q.device)[None, :]
-        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[start:end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
-    return out.view(-1, num_heads, head_dim)
+    for g in plan:
+        b, q_max = g.query_rows.shape
+        torch.index_select(keys, 0, g.key_slots, out=g.keys.view(-1, kv_heads, head_dim))
+        torch.index_select(values, 0, g.key_slots, out=g.values.view(-1, kv_heads, head_dim))
+        k, v = g.keys.transpose(1, 2).to(q.dtype), g.values.transpose(1, 2).to(q.dtype)  # [b, Hkv, S, D]
+        if q_max == 1:
+            # One query per sequence: the query heads sharing a KV head become that head's rows [b, Hkv, g, D]
+            # (faster than SDPA's GQA path for a single query); the mask broadcasts over them.
+            rows = g.query_rows[:, 0]
+            o = F.scaled_dot_product_attention(q[rows].view(b, kv_heads, num_heads // kv_heads, head_dim), k, v,
+                                               attn_mask=g.mask, scale=scale)
+            out[rows] = o.reshape(b, num_heads, head_dim)
+        else:
+            o = F.scaled_dot_product_attention(q[g.query_rows].transpose(1, 2), k, v, attn_mask=g.mask, scale=scale,
+                                               enable_gqa=True)  # [b, Hq, Qmax, D]
+            out[g.query_rows[g.valid]] = o.transpose(1, 2)[g.valid]
+    return out
 
 
 # ---- MoE ----------------------------------------------------------------------------------------------------------
@@ -90,36 +141,109 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[
 
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
             w2: torch.Tensor) -> torch.Tensor:
-    """Routed SwiGLU experts. Token-expert pairs are sorted by expert once; each expert that got tokens runs one
-    matmul over its group (no loop over all experts per token). The weighted combine accumulates in fp32."""
-    num_tokens, top_k = ids.shape
+    """Routed SwiGLU experts: two grouped matmuls (one group per expert, pairs in expert order) run every
+    expert's tokens in one call each, rounding as one linear per expert would."""
     inter = w2.shape[-1]
-    flat_ids = ids.reshape(-1).long()
-    order = torch.argsort(flat_ids, stable=True)
-    token_of_pair = order // top_k  # which token each sorted pair belongs to
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-    out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        pairs = order[start:start + count]
-        tokens = token_of_pair[start:start + count]
-        start += count
-        gate_up = F.linear(x[tokens], w13[expert])
-        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = F.linear(hidden, w2[expert])
-        out.index_add_(0, tokens, y.float() * weights.reshape(-1)[pairs, None].float())
-    return out.to(x.dtype)
+    pairs = _ExpertPairs.of(ids, w13.shape[0])
+    gate_up = _grouped_linear(x[pairs.token], w13, pairs.ends)
+    y = _grouped_linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2, pairs.ends)
+    return pairs.combine(y, weights, x.dtype)
+
+
+def routed_sum(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+               expert_out: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_out(ids[t, j], ...)[t] -> [T, H] in x's dtype, for experts without a grouped
+    matmul: expert_out(e, tokens) runs expert e on all its tokens at once and returns their outputs."""
+    pairs = _ExpertPairs.of(ids, num_experts)
+    bounds = [0, *pairs.ends.tolist()]
+    y = torch.cat([expert_out(e, pairs.token[bounds[e]:bounds[e + 1]]) for e in range(num_experts)
+                   if bounds[e + 1] > bounds[e]])
+    return pairs.combine(y, weights, x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExpertPairs:
+    """The token-expert pairs of a routing, sorted by expert once."""
+
+    order: torch.Tensor  # int64 [T * k]: pair index (t * k + j) of each sorted position
+    token: torch.Tensor  # int64 [T * k]: the token of each sorted pair
+    ends: torch.Tensor  # int32 [E]: where each expert's pairs end in the sorted order
+    num_tokens: int
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, num_experts: int) -> _ExpertPairs:
+        num_tokens, top_k = ids.shape
+        flat = ids.reshape(-1).long()
+        order = torch.argsort(flat, stable=True)
+        ends = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
+        return cls(order, order // top_k, ends, num_tokens)
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The weighted sum of each token's expert outputs y [T * k, H] (sorted pairs), in fp32, rounded once."""
+        out = torch.zeros(self.num_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
+        out.index_add_(0, self.token, y.float() * weights.reshape(-1)[self.order, None].float())
+        return out.to(dtype)
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows ends[e-1]:ends[e] of x [N, K] times w[e]^T ([E, out, K]) -> [N, out]. torch's grouped matmul needs
+    the contraction stride to be a multiple of 16 bytes; other widths (toy models) are zero-padded, which adds
+    exact zeros to every dot product."""
+    pad = -x.shape[-1] % (16 // x.element_size())
+    if pad:
+        x, w = F.pad(x, (0, pad)), F.pad(w, (0, pad))
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=ends)
 
 
 # ---- FP8 block dequantization (used by the loader and as the oracle for FP8 kernels) ------------------------------
 
+# Decoding e4m3 through float16: the byte's sign, exponent and mantissa bits, moved into float16's fields
+# (s eeee mmm -> s 0eeee mmm 0000000), read as float16 give exactly 2^-8 times the e4m3 value, subnormals
+# included (both formats' subnormals line up at that offset). float16 -> float32 is one vectorized instruction,
+# where torch's own float8 -> float32 cast is scalar and ~15x slower. The 2^8 is folded into the block scales.
+_E4M3_TO_F16_BITS = -16512  # int16 0xBF80: keeps the shifted sign and the exponent/mantissa bits
+_E4M3_IN_F16_SCALE = 256.0
+_E4M3_NAN_IN_F16 = 1.875
+_CHUNK_ELEMENTS = 1 << 19  # per thread: a cache-sized scratch, so the passes over a chunk stay in cache
+
+
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-                         dtype: torch.dtype) -> torch.Tensor:
+                         dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """W[i, j] = float(W_fp8[i, j]) * scale_inv[i // bn, j // bk], computed in fp32 and rounded once to dtype.
-    Works on [out, in] or stacked [..., out, in]; ragged tails of sizes that are not block multiples included."""
+
+    Works on [out, in] or stacked [..., out, in]; ragged tails of sizes that are not block multiples included. Writes
+    into `out` (any strides, e.g. a transposed view of a backend's layout) when given. Converts a few block rows at
+    a time, so besides `out` it allocates only a small scratch, whatever the size of the weight."""
     bn, bk = block
     rows, cols = weight.shape[-2:]
-    scale = scale_inv.float().repeat_interleave(bn, dim=-2)[..., :rows, :].repeat_interleave(bk, dim=-1)[..., :cols]
-    return (weight.float() * scale).to(dtype)
+    if out is None:
+        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    weights, scales, outs = weight.reshape(-1, rows, cols), scale_inv.reshape(-1, *scale_inv.shape[-2:]), out.view(-1, rows, cols)
+    chunk = max(1, _CHUNK_ELEMENTS // (bn * cols) * torch.get_num_threads()) * bn  # rows, a whole number of blocks
+    bits = torch.empty(min(chunk, rows), cols, dtype=torch.int16, device=weight.device)
+    values = torch.empty(min(chunk, rows), cols, dtype=torch.float32, device=weight.device)
+    for w, s, o in zip(weights, scales, outs):
+        # one fp32 scale per (block row, column), times the 2^8 of the float16 decoding (exact: a power of two)
+        col_scale = (s.float() * _E4M3_IN_F16_SCALE).repeat_interleave(bk, dim=-1)[:, :cols]
+        for r0 in range(0, rows, chunk):
+            n = min(chunk, rows - r0)
+            b, v = bits[:n], values[:n]
+            b.copy_(w[r0:r0 + n].view(torch.int8))  # sign-extends, so the shift below leaves the sign in bit 15
+            b.bitwise_left_shift_(7).bitwise_and_(_E4M3_TO_F16_BITS)
+            v.copy_(b.view(torch.float16))
+            _restore_nans(w[r0:r0 + n], v)
+            full = n // bn * bn
+            v[:full].view(-1, bn, cols).mul_(col_scale[r0 // bn:(r0 + full) // bn, None, :])
+            if full < n:  # a last block row shorter than bn
+                v[full:].mul_(col_scale[(r0 + full) // bn])
+            o[r0:r0 + n].copy_(v)
+    return out
+
+
+def _restore_nans(w: torch.Tensor, values: torch.Tensor) -> None:
+    """e4m3fn has no infinities and one NaN pattern per sign (0x7F, 0xFF), which the float16 decoding reads as
+    +-1.875, a magnitude no finite e4m3 value decodes to (448 reads as 1.75). One min/max pass over the decoded
+    chunk rules them out; only a chunk that has one pays for the mask."""
+    low, high = torch.aminmax(values)
+    if high.item() == _E4M3_NAN_IN_F16 or low.item() == -_E4M3_NAN_IN_F16:
+        values[(w.view(torch.uint8) & 0x7F) == 0x7F] = float("nan")

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from moerun.backends.base import AttentionMetadata
 from moerun.backends.cuda.device import max_shared_memory
-from moerun.backends.cuda.triton_utils import INTERPRETING, mma, next_pow2, to_dtype
+from moerun.backends.cuda.triton_utils import INTERPRETING, loop_bound, mma, next_pow2, to_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -30,7 +30,7 @@ def _attend_tiles(q, m_i, l_i, acc, kv_base, tables_row, pos, lo, hi, scale_log2
                   BLOCK_D: tl.constexpr):
     """Online-softmax update over cached keys lo..hi-1; CAUSAL masks keys after each row's position."""
     d = tl.arange(0, BLOCK_D)
-    for n0 in range(lo, hi, BLOCK_N):
+    for n0 in range(loop_bound(lo), loop_bound(hi), BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < hi
         page = tl.load(tables_row + n // block_size, mask=n_ok, other=0).to(tl.int64)
@@ -113,7 +113,7 @@ def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, num_splits, head_dim,
     total = tl.sum(tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0), axis=0)
     acc = tl.zeros([BLOCK_D], tl.float32)
     c = tl.arange(0, CHUNK_S)
-    for s0 in range(0, num_splits, CHUNK_S):
+    for s0 in range(0, loop_bound(num_splits), CHUNK_S):
         lse_c = tl.load(lse_row + s0 + c, mask=s0 + c < num_splits, other=float("-inf"))
         live = lse_c > float("-inf")
         w = tl.where(live, tl.exp2(lse_c - m), 0.0)

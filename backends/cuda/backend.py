@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from moerun.backends.base import AttentionMetadata, Backend, Capabilities, ExpertWeights, LinearWeight, ModelSpec
 from moerun.backends.cpu.ops import dequantize_fp8_block
 from moerun.backends.cuda import device as dev
-from moerun.backends.errors import ConfigError, UnsupportedModelError
+from moerun.backends.errors import ConfigError, UnsupportedModelError, shown
 
 # Option values that are names, and what each allows.
 _CHOICES = {
     "fp8": ("auto", "on", "off"),  # auto: keep FP8 checkpoints in FP8 where the GPU has FP8 tensor cores
     "grouped_mm": ("auto", "on", "off"),  # torch._grouped_mm for bf16 prefill experts; auto: Hopper, large steps
 }
+MAX_GRAPH_BATCH = 4096  # one captured graph per batch bucket up to this; beyond, graphs cost memory for nothing
 # Below this many token-expert pairs the Triton grouped GEMM (thin M tiles) beats a general grouped GEMM.
 GROUPED_MM_MIN_PAIRS = 4096
 
@@ -51,9 +52,10 @@ class CudaBackend(Backend):
         options = super().validate_options(options, key_path)
         for key, allowed in _CHOICES.items():
             if options[key] not in allowed:
-                raise ConfigError(f"{key_path}.{key}: {options[key]!r} is not allowed (allowed: {', '.join(allowed)})")
-        if options["graph_max_batch"] < 1:
-            raise ConfigError(f"{key_path}.graph_max_batch: must be a positive int, got {options['graph_max_batch']}")
+                raise ConfigError(f"{key_path}.{key}: {shown(options[key])} is not allowed (allowed: {', '.join(allowed)})")
+        if not 1 <= options["graph_max_batch"] <= MAX_GRAPH_BATCH:
+            raise ConfigError(f"{key_path}.graph_max_batch: {shown(options['graph_max_batch'])} is out of range "
+                              f"(allowed: 1..{MAX_GRAPH_BATCH})")
         return options
 
     def __init__(self, options: dict[str, Any], dtype: torch.dtype) -> None:

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from moerun.backends.errors import MoerunError, UnsupportedModelError
+from moerun.backends.errors import MoerunError, UnsupportedModelError, shown
 
 
 def interpreter_requested() -> bool:
@@ -24,7 +24,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise MoerunError(f"cuda.device: {name!r} is not a device (expected e.g. 'cuda:0')") from None
+        raise MoerunError(f"cuda.device: {shown(name)} is not a device (expected e.g. 'cuda:0')") from None
     if device.type == "cpu":
         if not interpreter_requested():
             raise MoerunError("cuda.device: 'cpu' runs the kernels in Triton's interpreter and needs TRITON_INTERPRET=1 "
@@ -32,13 +32,13 @@ def resolve_device(name: str) -> torch.device:
         _require_triton()
         return device
     if device.type != "cuda":
-        raise MoerunError(f"cuda.device: {name!r} is not a CUDA device (expected e.g. 'cuda:0')")
+        raise MoerunError(f"cuda.device: {shown(name)} is not a CUDA device (expected e.g. 'cuda:0')")
     if not torch.cuda.is_available():
         why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
         raise UnsupportedModelError(f"backend cuda: {why} (torch {torch.__version__}); use backend: cpu or run on a GPU machine")
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
-        raise UnsupportedModelError(f"cuda.device: {name!r} does not exist ({torch.cuda.device_count()} CUDA device(s) visible)")
+        raise UnsupportedModelError(f"cuda.device: {shown(name)} does not exist ({torch.cuda.device_count()} CUDA device(s) visible)")
     if interpreter_requested():
         raise MoerunError("TRITON_INTERPRET=1 is set: Triton kernels would run in the CPU interpreter; unset it to use the GPU")
     _require_triton()

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from moerun.backends.cuda.device import H100_SHARED_MEMORY
 from moerun.backends.cuda.routing import Dispatch
-from moerun.backends.cuda.triton_utils import mma, quantize_fp8_rows, round_as, to_dtype
+from moerun.backends.cuda.triton_utils import loop_bound, mma, quantize_fp8_rows, round_as, to_dtype
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, sorted_ptr, block_expert_ptr, n
     s_up_ptrs = scale_ptr + expert * stride_se + ((n + up_offset) // SCALE_BN) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    for kb in range(0, loop_bound(tl.cdiv(K, BLOCK_K))):
         k_ok = k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moerun.backends.cuda.triton_utils import next_pow2, rows_per_program
+from moerun.backends.cuda.triton_utils import loop_bound, next_pow2, rows_per_program
 
 
 @triton.jit
@@ -85,14 +85,14 @@ def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pai
     experts = tl.arange(0, BLOCK_E)
     lane = tl.arange(0, CHUNK)
     counts = tl.zeros([BLOCK_E], tl.int32)
-    for c0 in range(0, num_pairs, CHUNK):
+    for c0 in range(0, loop_bound(num_pairs), CHUNK):
         e = tl.load(ids_ptr + c0 + lane, mask=c0 + lane < num_pairs, other=BLOCK_E)
         counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     pad_end = tl.cumsum(padded, axis=0)
     pad_start = pad_end - padded
     tl.store(num_padded_ptr, tl.sum(padded, axis=0))
-    for b0 in range(0, num_blocks, CHUNK):
+    for b0 in range(0, loop_bound(num_blocks), CHUNK):
         blocks = b0 + lane
         owner = tl.sum(((pad_end[None, :] <= (blocks * BLOCK_M)[:, None]) & (experts[None, :] < num_experts)).to(tl.int32),
                        axis=1)
@@ -101,7 +101,7 @@ def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pai
         tl.store(sorted_ptr + slots, tl.zeros([CHUNK, BLOCK_M], tl.int32) + num_pairs, mask=(blocks < num_blocks)[:, None])
     tl.debug_barrier()  # the sentinel fill above must land before the placements below overwrite it
     cursor = pad_start
-    for c0 in range(0, num_pairs, CHUNK):
+    for c0 in range(0, loop_bound(num_pairs), CHUNK):
         ok = c0 + lane < num_pairs
         e = tl.load(ids_ptr + c0 + lane, mask=ok, other=BLOCK_E)
         onehot = e[:, None] == experts[None, :]

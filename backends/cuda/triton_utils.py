@@ -1,13 +1,18 @@
 """Helpers every Triton kernel of the CUDA backend shares: rounding to the output dtype, the matmul step, and
 whether the kernels run compiled on a GPU or under Triton's CPU interpreter (TRITON_INTERPRET=1, used by CI).
 
-Two interpreter defects are worked around here, and only under the interpreter, so the compiled kernels are
-untouched (triton 3.9, checked when this was written):
+Three interpreter defects are worked around here, and only under the interpreter, so the compiled kernels are
+untouched (triton 3.9 and 3.6, checked when this was written):
 - its float downcast truncates (fp32 -> bf16) or mis-rounds (fp32 -> fp8 e4m3, even with rounding="rtne"), while
   GPUs round to nearest even. Casting an already representable value is exact there, so `to_dtype` first rounds
   on the fp32 bits; interpreted outputs are then bit-identical to torch's casts.
 - `tl.dot` of bfloat16 operands returns garbage. `mma` feeds it fp32 copies instead, which is exact: a product of
   two bf16 (or fp8) values fits in fp32, so only the accumulation order can differ from the GPU's.
+- a loop bound that is a tensor (a kernel argument, a loaded length) reaches Python's `range` through the
+  interpreter's `tensor.__index__`. The interpreter holds scalars as numpy arrays of shape (1,); Triton 3.6's
+  `__index__` is `int(array)`, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+  scalars", triton-lang/triton#9171; 3.9 squeezes first). The compiled kernel is not affected (the bound becomes
+  an scf.for operand). Every kernel loop with a tensor bound therefore goes through `loop_bound`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,19 @@ def rows_per_program(num_rows: int) -> int:
     """Row-wise kernels take one row per program on a GPU. The interpreter pays milliseconds per program, so
     there each program takes many rows (same kernel code, a wider ROWS tile)."""
     return min(next_pow2(num_rows), 32) if INTERPRETING else 1
+
+
+if INTERPRETING:
+
+    def loop_bound(x):
+        """A Python int for the interpreter's `range` (see the module docstring)."""
+        return x.handle.data.item() if isinstance(x, tl.tensor) else x
+
+else:
+
+    @triton.jit
+    def loop_bound(x):
+        return x
 
 
 @triton.jit

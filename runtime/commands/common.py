@@ -1,48 +1,105 @@
-"""What several commands share: building an engine with a progress bar, token-id parsing, tables, atomic output."""
+"""What several commands share: the target a config names (checked before any weight loads), building an engine
+with a progress bar, checked flags and token ids, tables, and output files checked first and written atomically."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
+import stat
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 
 import click
-import numpy as np
 
 from moerun.backends.errors import MoerunError
+from moerun.runtime.files import file_kind, is_dir
+from moerun.runtime.model_config import ModelConfig, load_model_config
 from moerun.runtime.run_config import RunConfig, load_run_config
 from moerun.runtime.table import format_table
+
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 
 
 def demo_config_path() -> Path:
     return Path(str(resources.files("moerun.configs") / "demo.yaml"))
 
 
-def load_engine(config: str | None, num_layers: int | None = None, label: str = "loading"):
-    """Build the engine for a YAML file (the embedded demo when None), with a progress bar over layers."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A run config with its checkpoint folder and model config: all a command checks a request against
+    before it spends time loading weights."""
+
+    run: RunConfig
+    folder: Path
+    config: ModelConfig
+
+    @property
+    def limits(self):
+        from moerun.runtime.limits import RequestLimits
+
+        return RequestLimits.of(self.run, self.config)
+
+
+def load_target(config: str | None) -> Target:
+    """The config file (the embedded demo when None), its checkpoint folder (the demo is built on first use)
+    and that folder's config.json, each checked."""
+    from moerun.runtime.engine import resolve_model_folder
+
+    run = load_run_config(demo_config_path() if config is None else config)
+    folder = resolve_model_folder(run.model_path)
+    return Target(run, folder, load_model_config(folder))
+
+
+def load_engine(target: Target | str | None, num_layers: int | None = None, label: str = "loading"):
+    """Build the engine of a target (or of a YAML file, the embedded demo when None), with a progress bar over
+    the checkpoint's bytes: GB read of GB to read, and the rate so far."""
     from moerun.runtime.engine import Engine
 
-    run: RunConfig = load_run_config(config or demo_config_path())
+    run = target.run if isinstance(target, Target) else load_run_config(demo_config_path() if target is None else target)
     with contextlib.ExitStack() as stack:
         bar = None
+        start = time.perf_counter()
+
+        def show(done: int | None) -> str:
+            if done is None:
+                return ""
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            return f"{done / 1e9:.2f}/{bar.length / 1e9:.2f} GB  {rate / 1e9:.2f} GB/s"
 
         def progress(done: int, total: int) -> None:
             nonlocal bar
             if bar is None:
-                bar = stack.enter_context(click.progressbar(length=total, label=f"{label} {run.backend}", file=sys.stderr))
-            bar.update(1)
+                bar = stack.enter_context(click.progressbar(length=total, label=f"{label} {run.backend}",
+                                                            file=sys.stderr, item_show_func=show))
+            bar.update(done - bar.pos, current_item=done)
 
         return Engine(run, num_layers=num_layers, progress=progress)
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange, minus NaN and infinity (which every range comparison lets through)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def parse_token_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise MoerunError(f"--token-ids: expected comma-separated integers like 1,5,9, got {text!r}") from None
+        raise MoerunError(f"--token-ids: expected comma-separated integers like 1,5,9, got {text[:60]!r}") from None
     if not ids:
         raise MoerunError("--token-ids: no token ids given")
     return ids
@@ -52,13 +109,46 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     click.echo(format_table(headers, rows))
 
 
-def write_npy_atomically(path: Path, array: np.ndarray) -> None:
-    """Never leave a half-written file at `path`: write beside it, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def check_output_path(text: str, option: str = "--out") -> Path:
+    """Refuse, before any work, an output path moerun could not write: a missing or unwritable folder, or an
+    existing target that is not a regular file (a directory, a device node, a FIFO: writing replaces the
+    target whole, which must never happen to /dev/sda). A probe file proves the folder takes new files."""
+    path = Path(text)
+    if not path.name or text.endswith(os.sep):
+        raise MoerunError(f"{option}: {text!r} names a folder; give a file name")
+    if not is_dir(path.parent):
+        raise MoerunError(f"{option}: folder {path.parent} does not exist")
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise MoerunError(f"{option}: {path} is {file_kind(mode)}; moerun writes only regular files")
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise MoerunError(f"{option}: {path}: {e.strerror}") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MoerunError(f"{option}: cannot write in {path.parent} ({e.strerror})") from None
+    return path
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None], option: str = "--out") -> None:
+    """Never leave a half-written file at `path`: write beside it, then rename; on any failure (a full disk,
+    Ctrl-C) the temporary file is removed and `path` is untouched."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise MoerunError(f"{option}: cannot write in {path.parent} ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
+            write(f)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise MoerunError(f"{option}: cannot write {path} ({e.strerror or e})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from moerun.backends.errors import MoerunError
-from moerun.runtime.commands.common import load_engine, parse_token_ids, print_table
+from moerun.runtime.commands.common import FiniteFloat, load_engine, parse_token_ids, print_table
+from moerun.runtime.files import MiB, read_text
+from moerun.runtime.limits import RequestLimits
 from moerun.runtime.parity import Thresholds, compare_logits, compare_stages
 
 
 @click.command()
 @click.option("-c", "--config", "configs", multiple=True, required=True, help="Reference YAML, then candidate YAML.")
 @click.option("--token-ids", default=None, help="Comma-separated token ids (one sequence).")
-@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--prompts", default=None,
               help="Text file, one prompt per line, tokenized with the reference's tokenizer.")
-@click.option("--max-abs-rel", type=float, default=Thresholds.max_abs_rel, help="Max |A-B| / max|A| (default: off).")
-@click.option("--mean-kl", type=float, default=Thresholds.mean_kl, show_default=True)
-@click.option("--max-kl", type=float, default=Thresholds.max_kl, help="Max per-position KL (default: off).")
-@click.option("--min-top1", type=float, default=Thresholds.min_top1, show_default=True)
-@click.option("--min-top5", type=float, default=Thresholds.min_top5, show_default=True)
+@click.option("--max-abs-rel", type=FiniteFloat(0.0), default=Thresholds.max_abs_rel,
+              help="Max |A-B| / max|A| (default: off).")
+@click.option("--mean-kl", type=FiniteFloat(0.0), default=Thresholds.mean_kl, show_default=True)
+@click.option("--max-kl", type=FiniteFloat(0.0), default=Thresholds.max_kl, help="Max per-position KL (default: off).")
+@click.option("--min-top1", type=FiniteFloat(0.0, 1.0), default=Thresholds.min_top1, show_default=True)
+@click.option("--min-top5", type=FiniteFloat(0.0, 1.0), default=Thresholds.min_top5, show_default=True)
 @click.option("--per-layer", is_flag=True, help="Also compare each layer's attention, router and MoE outputs.")
 def parity(configs, token_ids, prompts, max_abs_rel, mean_kl, max_kl, min_top1, min_top5, per_layer):
     """Run the same tokens through two configurations and compare next-token distributions. Exit 1 if beyond."""
@@ -36,10 +38,13 @@ def parity(configs, token_ids, prompts, max_abs_rel, mean_kl, max_kl, min_top1, 
     if token_ids is not None:
         sequences = [parse_token_ids(token_ids)]
     else:
-        lines = [ln for ln in Path(prompts).read_text().splitlines() if ln.strip()]
+        lines = [ln for ln in read_text(prompts, 16 * MiB, "prompts file", MoerunError).splitlines() if ln.strip()]
         if not lines:
             raise MoerunError(f"--prompts: {prompts} has no prompts")
         sequences = [ref.tokenizer.encode(ln) for ln in lines]
+    limits = RequestLimits.of(ref.run, ref.config)
+    for i, seq in enumerate(sequences):  # each runs alone, so each must fit on its own
+        limits.check_lengths([len(seq)], f"sequence {i + 1} ({len(seq)} tokens)")
     ref_stages, cand_stages = StageRecorder(), StageRecorder()
     ref_logits = torch.cat([ref.logits(s, ref_stages if per_layer else None) for s in sequences])
     route = stage_router(ref)

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from moerun.runtime.commands.common import load_engine, print_table
+from moerun.runtime.commands.common import load_engine, load_target, print_table
 
 
 @click.command()
@@ -16,10 +16,13 @@ from moerun.runtime.commands.common import load_engine, print_table
 @click.option("--steps", type=click.IntRange(1), default=8, show_default=True, help="Decode steps.")
 def smoke(config, layers, steps):
     """Load, prefill a ragged batch, decode; check finiteness, decode == prefill, determinism. Exit 0 iff all pass."""
-    from moerun.runtime.smoke import Check, run_smoke
+    from moerun.runtime.smoke import PROMPT_LENGTHS, Check, run_smoke
 
     t0 = time.perf_counter()
-    engine = load_engine(config, num_layers=layers)
+    target = load_target(config)
+    target.limits.check_lengths([n + steps for n in PROMPT_LENGTHS],
+                                f"smoke prompts of {', '.join(map(str, PROMPT_LENGTHS))} tokens plus --steps {steps}")
+    engine = load_engine(target, num_layers=layers)
     load = Check("load", True, f"{engine.model.num_layers}/{engine.config.num_layers} layers, {engine.backend.describe()}",
                  time.perf_counter() - t0)
     checks = [load, *run_smoke(engine, steps=steps)]

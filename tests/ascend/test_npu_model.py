@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import run_yaml
+from engine_runs import against_full_prefill, greedy_with_logprobs
 from hf_checkpoints import hf_logits
 from npu_host import NPU, requires_npu
 
-from moerun.runtime.batch import Sequence
 from moerun.runtime.cli import main
 from moerun.runtime.engine import Engine
 from moerun.backends.errors import UnsupportedModelError
@@ -65,15 +65,10 @@ def test_decode_matches_prefill_on_npu(checkpoint, write_yaml):
     folder, _ = checkpoint("m2_like")
     engine = Engine.from_config(write_yaml(npu_yaml(folder, NPU)))
     prompt = (TOKENS * 7)[:140]  # crosses the 128-token block edge
-    seq = Sequence(list(prompt))
-    steps = [engine.step([seq])[0]]
-    for token in TOKENS[:8]:
-        seq.token_ids.append(token)
-        steps.append(engine.step([seq])[0])
-    engine.release([seq])
-    full = engine.logits(prompt + TOKENS[:8])[len(prompt) - 1:]
-    report = compare_logits(full, torch.stack(steps))
-    assert report.mean_kl < 1e-3 and report.top1_agreement >= 0.9, report
+    (output,), (entries,) = greedy_with_logprobs(engine, [prompt], steps=9)
+    got, want, argmax, _ = against_full_prefill(engine, prompt, output, entries)
+    # bf16: decode and prefill round differently; the top-20 logprobs stay close and the argmax mostly agrees
+    assert (got - want).abs().mean() < 0.05 and (torch.tensor(output) == argmax).float().mean() >= 0.9
 
 
 def test_float32_is_refused_on_a_real_npu(checkpoint, write_yaml):

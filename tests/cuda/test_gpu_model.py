@@ -24,9 +24,9 @@ from fp8_checkpoints import make_fp8_pair  # noqa: E402
 from hf_checkpoints import hf_logits  # noqa: E402
 
 from moerun.backends.base import register_backend  # noqa: E402
-from moerun.runtime.batch import Sequence, build_step  # noqa: E402
 from moerun.runtime.engine import Engine  # noqa: E402
 from moerun.runtime.smoke import run_smoke  # noqa: E402
+from moerun.runtime.step_builder import StepSequence  # noqa: E402
 
 TOKENS = [1, 17, 42, 5, 99, 3, 150, 7, 7, 7, 200, 64, 11, 0, 123, 45, 46, 47, 8, 2, 190, 33, 12]
 
@@ -78,31 +78,33 @@ def test_smoke_checks_pass_on_the_demo_model(dtype, write_yaml):
     assert all(c.passed for c in checks), [(c.name, c.detail) for c in checks if not c.passed]
 
 
-def _decode_steps(engine, runner, prompts, steps):
-    """Prefill eagerly, then `steps` greedy decode steps through `runner`; the logits of every step."""
-    seqs = [Sequence(list(p)) for p in prompts]
+def _decode_steps(engine, forward, prompts, steps):
+    """Prefill eagerly, then `steps` greedy decode steps through `forward`; the logits of every step. Each prompt
+    gets its own blocks (block_size 16, 8 blocks: up to 128 tokens)."""
+    build = engine.runner.builder.build
+    caches, model = engine.runner.kv_caches, engine.model
+    tokens = [list(p) for p in prompts]
+    blocks = [range(8 * i, 8 * (i + 1)) for i in range(len(prompts))]
     out = []
-    try:
-        logits = engine.step(seqs)
+    with torch.inference_mode():
+        inputs = build([StepSequence(t, 0, b) for t, b in zip(tokens, blocks)],
+                       [sum(map(len, tokens[:i + 1])) - 1 for i in range(len(tokens))])
+        logits = model.compute_logits(model.forward(inputs.input_ids, inputs.positions, inputs.meta, caches)[inputs.logits_rows])
         for _ in range(steps):
-            for seq, token in zip(seqs, logits.argmax(-1).tolist()):
-                seq.token_ids.append(token)
-            with torch.inference_mode():
-                inputs = build_step(seqs, engine.cache, engine.backend.device)
-                hidden = runner(inputs.input_ids, inputs.positions, inputs.meta, engine.cache.layers)
-                for seq in seqs:
-                    seq.num_cached = len(seq.token_ids)
-                logits = engine.model.compute_logits(hidden[inputs.last_token_rows])
+            for seq, token in zip(tokens, logits.argmax(-1).tolist()):
+                seq.append(token)
+            inputs = build([StepSequence(t[-1:], len(t) - 1, b) for t, b in zip(tokens, blocks)], list(range(len(tokens))))
+            hidden = forward(inputs.input_ids, inputs.positions, inputs.meta, caches)
+            logits = model.compute_logits(hidden[inputs.logits_rows])
             out.append(logits.cpu())
-    finally:
-        engine.release(seqs)
     return out
 
 
 @pytest.mark.parametrize("batch", [1, 3, 16, 20])  # 3 and 20 replay a padded bucket (4, 32)
 def test_cuda_graph_decode_matches_eager(batch, write_yaml):
     """Unverified until run on a GPU: capture per bucket, replay with this step's inputs, padded rows inert."""
-    data = {"backend": "cuda", "model": {"path": "builtin:demo", "dtype": "bfloat16"}, "kv_cache": {"num_blocks": 512}}
+    data = {"backend": "cuda", "model": {"path": "builtin:demo", "dtype": "bfloat16"},
+            "kv_cache": {"num_blocks": 512, "block_size": 16}}
     engine = Engine.from_config(write_yaml(data))
     max_blocks = 16
     graphs = engine.backend.decode_runner(engine.model.forward, max_num_seqs=32, max_blocks_per_seq=max_blocks)
@@ -116,7 +118,6 @@ def test_cuda_graph_decode_matches_eager(batch, write_yaml):
     for a, b in zip(eager, replayed):
         assert (a - b).abs().max() <= 1e-3 * a.abs().max()
         assert torch.equal(a.argmax(-1), b.argmax(-1))
-    assert engine.cache.num_free_blocks == engine.cache.num_blocks
 
 
 def test_cuda_graphs_off_returns_forward(write_yaml):
