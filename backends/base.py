@@ -20,7 +20,8 @@ import torch
 
 from moerun.backends.errors import ConfigError, key_name, shown
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64 is for high-precision reference runs (the CPU backend only; `moerun parity` measures noise floors with it).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +183,11 @@ class Backend(abc.ABC):
         return f"{self.name} backend on {self.device}"
 
     # ---- weights -----------------------------------------------------------------------------------------------
+    def weight_dtype(self, stored: torch.dtype) -> torch.dtype:
+        """The dtype the loader gives a float weight the checkpoint stores as `stored` (FP8 weights it dequantizes
+        go to the model dtype). The default converts everything to the model dtype at load."""
+        return self.dtype
+
     def prepare_linear(self, w: LinearWeight) -> Any:
         """Move a linear weight to the device in the layout `linear` expects (a W8A8LinearWeight too when
         capabilities.w8a8)."""

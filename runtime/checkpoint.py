@@ -18,6 +18,7 @@ import json
 import os
 import stat
 import struct
+from collections.abc import Iterable
 from pathlib import Path, PurePath
 
 import torch
@@ -36,68 +37,85 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit per file
 MAX_TOTAL_HEADER_BYTES = 1 << 30  # all shards' headers are parsed and kept while loading
 
 
+def shard_files(folder: Path) -> tuple[list[Path], dict[str, str] | None, str | None]:
+    """The safetensors files of a checkpoint folder, the index's tensor -> file map and the index's name when it has
+    an index (the index names the files; without one, every *.safetensors file in the folder). Each file is checked
+    as the module doc says before anything opens it."""
+    indexes = [folder / name for name in INDEX_FILES if os.path.lexists(folder / name)]
+    if len(indexes) > 1:
+        raise CheckpointError(f"{folder}: holds both {indexes[0].name} and {indexes[1].name}; keep one index")
+    weight_map: dict[str, str] | None = None
+    index_name = None
+    if indexes:
+        index = indexes[0]
+        index_name = index.name
+        weight_map = read_json_object(index, MAX_INDEX_BYTES, "safetensors index").get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+            raise CheckpointError(f"{index}: not a valid safetensors index ('weight_map' must map each tensor "
+                                  f"name to a shard file name, got {shown(weight_map)})")
+        files = sorted({_shard_path(folder, name, f"listed in {index.name}") for name in weight_map.values()})
+        for f in files:
+            if not os.path.lexists(f):
+                raise CheckpointError(f"{f}: listed in {index.name} but missing")
+    else:
+        files = sorted(_shard_path(folder, p.name, "found") for p in folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{folder}: no *.safetensors files")
+    header_bytes = 0
+    for path in files:
+        header_bytes += _declared_header_size(path)
+        if header_bytes > MAX_TOTAL_HEADER_BYTES:
+            raise CheckpointError(f"{folder}: the shards' safetensors headers add up to more than "
+                                  f"{MAX_TOTAL_HEADER_BYTES >> 20} MiB")
+    return files, weight_map, index_name
+
+
+def _shard_path(folder: Path, name: str, how: str) -> Path:
+    """The path of a shard file name from the index (or the folder), refused when it leads out of the folder."""
+    parts = PurePath(name).parts
+    if not name or "\0" in name or os.path.isabs(name) or ".." in parts:
+        raise CheckpointError(f"{folder}: shard {shown(name)} {how} is not a file name inside the checkpoint "
+                              f"folder (allowed: a relative name without '..')")
+    path = folder / name
+    try:
+        real, inside = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise CheckpointError(f"{path}: a symlink loop") from None
+    # huggingface_hub snapshots are symlinks into the repository's blobs/ folder: <repo>/snapshots/<rev>/x.
+    blobs = inside.parent.parent / "blobs" if inside.parent.name == "snapshots" else None
+    if os.path.lexists(path) and not (real.is_relative_to(inside) or (blobs and real.is_relative_to(blobs))):
+        raise CheckpointError(f"{path}: a symlink to {shown(str(real))}, outside the checkpoint folder "
+                              f"(allowed: links within it, or into a Hugging Face cache's blobs/)")
+    return path
+
+
+def tensor_locations(names_by_file: Iterable[tuple[Path, Iterable[str]]], weight_map: dict[str, str] | None,
+                     index_name: str | None = None) -> dict[str, Path]:
+    """tensor name -> the file that holds it: each tensor in exactly one file, and in the one the index names."""
+    file_of: dict[str, Path] = {}
+    for path, names in names_by_file:
+        for name in names:
+            if name in file_of:
+                raise CheckpointError(f"{key_name(name)}: stored twice, in {file_of[name].name} and {path.name}")
+            file_of[name] = path
+    for name, file in (weight_map or {}).items():
+        actual = file_of.get(name)
+        if actual is None or actual.name != file:
+            where = f"it is in {actual.name}" if actual else "it is in no file"
+            raise CheckpointError(f"{key_name(name)}: {index_name} says {shown(file)}, but {where}")
+    return file_of
+
+
 class Checkpoint:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         if not is_dir(self.folder):
             raise CheckpointError(f"{self.folder}: checkpoint folder not found")
-        self._files = self._shard_files()
-        header_bytes = 0
-        for path in self._files:
-            header_bytes += _declared_header_size(path)
-            if header_bytes > MAX_TOTAL_HEADER_BYTES:
-                raise CheckpointError(f"{self.folder}: the shards' safetensors headers add up to more than "
-                                      f"{MAX_TOTAL_HEADER_BYTES >> 20} MiB")
+        self._files, self.weight_map, self.index_name = shard_files(self.folder)
         self._handles: dict[Path, object] = {}
         self._extents: dict[Path, dict[str, tuple[int, int]]] = {}  # file -> tensor -> (first byte, end byte)
-        self.file_of: dict[str, Path] = {}
-        for path in self._files:
-            for name in self._open(path).keys():
-                if name in self.file_of:
-                    raise CheckpointError(f"{key_name(name)}: stored twice, in {self.file_of[name].name} and {path.name}")
-                self.file_of[name] = path
-        self._check_index()
-
-    def _shard_files(self) -> list[Path]:
-        indexes = [self.folder / name for name in INDEX_FILES if os.path.lexists(self.folder / name)]
-        if len(indexes) > 1:
-            raise CheckpointError(f"{self.folder}: holds both {indexes[0].name} and {indexes[1].name}; keep one index")
-        if indexes:
-            index = indexes[0]
-            weight_map = read_json_object(index, MAX_INDEX_BYTES, "safetensors index").get("weight_map")
-            if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
-                raise CheckpointError(f"{index}: not a valid safetensors index ('weight_map' must map each tensor "
-                                      f"name to a shard file name, got {shown(weight_map)})")
-            self.weight_map: dict[str, str] | None = weight_map
-            self.index_name = index.name
-            files = sorted({self._shard(name, f"listed in {index.name}") for name in weight_map.values()})
-            for f in files:
-                if not os.path.lexists(f):
-                    raise CheckpointError(f"{f}: listed in {index.name} but missing")
-            return files
-        self.weight_map = None
-        files = sorted(self._shard(p.name, "found") for p in self.folder.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{self.folder}: no *.safetensors files")
-        return files
-
-    def _shard(self, name: str, how: str) -> Path:
-        """The path of a shard file name from the index (or the folder), refused when it leads out of the folder."""
-        parts = PurePath(name).parts
-        if not name or "\0" in name or os.path.isabs(name) or ".." in parts:
-            raise CheckpointError(f"{self.folder}: shard {shown(name)} {how} is not a file name inside the checkpoint "
-                                  f"folder (allowed: a relative name without '..')")
-        path = self.folder / name
-        try:
-            real, inside = path.resolve(), self.folder.resolve()
-        except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
-            raise CheckpointError(f"{path}: a symlink loop") from None
-        # huggingface_hub snapshots are symlinks into the repository's blobs/ folder: <repo>/snapshots/<rev>/x.
-        blobs = inside.parent.parent / "blobs" if inside.parent.name == "snapshots" else None
-        if os.path.lexists(path) and not (real.is_relative_to(inside) or (blobs and real.is_relative_to(blobs))):
-            raise CheckpointError(f"{path}: a symlink to {shown(str(real))}, outside the checkpoint folder "
-                                  f"(allowed: links within it, or into a Hugging Face cache's blobs/)")
-        return path
+        self.file_of = tensor_locations(((path, self._open(path).keys()) for path in self._files), self.weight_map,
+                                        self.index_name)
 
     def _open(self, path: Path):
         if path not in self._handles:
@@ -106,15 +124,6 @@ class Checkpoint:
             except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
                 raise CheckpointError(f"{path}: not a readable safetensors file ({_short(e)})") from None
         return self._handles[path]
-
-    def _check_index(self) -> None:
-        if self.weight_map is None:
-            return
-        for name, file in self.weight_map.items():
-            actual = self.file_of.get(name)
-            if actual is None or actual.name != file:
-                where = f"it is in {actual.name}" if actual else "it is in no file"
-                raise CheckpointError(f"{key_name(name)}: {self.index_name} says {shown(file)}, but {where}")
 
     def names(self) -> set[str]:
         return set(self.file_of)

@@ -31,6 +31,7 @@ COMMANDS = {
     "logits": "moerun.runtime.commands.logits:logits",
     "smoke": "moerun.runtime.commands.smoke:smoke",
     "parity": "moerun.runtime.commands.parity:parity",
+    "fingerprint": "moerun.runtime.commands.fingerprint:fingerprint",
     "quantize": "moerun.runtime.commands.quantize:quantize",
     "serve": "moerun.runtime.commands.serve:serve",
     "bench": "moerun.runtime.bench:bench",

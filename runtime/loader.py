@@ -104,6 +104,9 @@ class WeightLoader:
         # The backend runs FP8 itself, or we dequantize here.
         self.keep_fp8 = cfg.fp8_block is not None and backend.capabilities.fp8_weights
         self.dequant_device = backend.device if backend.capabilities.dequantize_on_device else HOST
+        # The router gate and its bias stay fp32 whatever the model dtype (selection is knife-edge); float64 in a
+        # float64 run.
+        self.router_dtype = torch.promote_types(self.dtype, torch.float32)
         self._advice = FEWER_LAYERS
 
     def load(self, num_layers: int, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
@@ -136,13 +139,22 @@ class WeightLoader:
         plus block scales for FP8 weights a backend executes itself."""
         total = 0
         for t in all_tensors(self.cfg, num_layers):
-            if t.kind in (ROUTER, ROUTER_BIAS):
-                total += tensor_bytes(t.shape, torch.float32)
-            elif _fp8(self.cfg, t) and self.keep_fp8:
+            if _fp8(self.cfg, t) and self.keep_fp8:
                 total += tensor_bytes(t.shape, torch.float8_e4m3fn) + 4 * self._scale_count(t.shape)
             else:
-                total += tensor_bytes(t.shape, self.dtype)
+                total += tensor_bytes(t.shape, self._float_dtype(t))
         return total
+
+    def _float_dtype(self, t: M2Tensor) -> torch.dtype:
+        """What a float tensor is held in: the router's dtype, the backend's choice for a linear weight stored as
+        a float (backend.weight_dtype), else the model dtype (also for FP8 weights dequantized here)."""
+        if t.kind in (ROUTER, ROUTER_BIAS):
+            return self.router_dtype
+        # Counted before validate_checkpoint has looked at the stored dtypes (the memory check comes first).
+        stored = TORCH_DTYPES.get(self.ckpt.dtype(t.name)) if t.name in self.ckpt.file_of else None
+        if t.kind == LINEAR and not _fp8(self.cfg, t) and stored is not None and stored.is_floating_point:
+            return self.backend.weight_dtype(stored)
+        return self.dtype
 
     # ---- planning: each tensor's destination, allocated once, and the tasks that fill it ------------------------
     def _load(self, t: M2Tensor, done: Callable[[int], None]) -> object:
@@ -165,9 +177,7 @@ class WeightLoader:
 
     def _plan(self, t: M2Tensor) -> tuple[object, list[Callable[[], int]]]:
         if not _fp8(self.cfg, t):
-            # router gate and correction bias stay fp32 whatever the model dtype (selection is knife-edge)
-            dtype = torch.float32 if t.kind in (ROUTER, ROUTER_BIAS) else self.dtype
-            out = self._empty(t.name, t.shape, dtype, self.device)
+            out = self._empty(t.name, t.shape, self._float_dtype(t), self.device)
             return out, self._fill_tasks(t.name, out)
         scale_name = f"{t.module}.weight_scale_inv"
         if self.keep_fp8:  # a backend that executes FP8 holds float8 on its device
@@ -186,18 +196,20 @@ class WeightLoader:
     def _plan_experts(self, i: int) -> tuple[ExpertWeights, list[Callable[[], int]]]:
         """This rank's experts of layer i go into stacks w13 [E, 2I, H] (w1 rows, then w3 rows) and w2 [E, H, I],
         one task per expert: float8 stacks with stacked block scales for a backend that executes FP8, else stacks
-        in the model dtype and the backend's own layout (empty_experts)."""
+        in the backend's own layout (empty_experts) and the dtype _float_dtype gives the first expert's w1."""
         cfg, local = self.cfg, self.plan.local_experts(self.cfg.num_experts)
         h, inter = cfg.hidden_size, cfg.intermediate_size
         what = f"{layer_prefix(i)}.block_sparse_moe.experts"
-        quantized = _fp8(cfg, expert_tensors(cfg, i, local.start)["w1"])
+        first = expert_tensors(cfg, i, local.start)["w1"]
+        quantized = _fp8(cfg, first)
         fp8_stacks = quantized and self.keep_fp8
         if fp8_stacks:
             stacks = self._fp8_stacks(what, len(local))
         else:
-            nbytes = len(local) * 3 * h * inter * self.dtype.itemsize
+            dtype = self._float_dtype(first)
+            nbytes = len(local) * 3 * h * inter * dtype.itemsize
             with allocating(what, nbytes, self.dequant_device, self._advice):
-                stacks = self.backend.empty_experts(len(local), h, inter, self.dtype, self.dequant_device)
+                stacks = self.backend.empty_experts(len(local), h, inter, dtype, self.dequant_device)
 
         def expert(slot: int, e: int) -> int:
             read = 0

@@ -54,8 +54,9 @@ class MiniMaxM2Model:
             hidden = self._attention(layer, x, cos, sin, meta, kv_cache)
             observe(f"layer{i}.attention", hidden)
             x, residual = be.add_rms_norm(hidden, residual, layer.post_attention_norm, self.config.rms_norm_eps)
-            # The router stays fp32 end to end, as the checkpoint stores it: bf16 routing flips expert choices.
-            router_logits = F.linear(x.float(), layer.router)
+            # The router stays fp32 end to end (float64 in a float64 run), as the checkpoint stores it: bf16 routing
+            # flips expert choices.
+            router_logits = F.linear(x.to(layer.router.dtype), layer.router)
             observe(f"layer{i}.router_logits", router_logits)
             hidden = be.moe(x, router_logits, layer.router_bias, self.config.top_k, layer.experts)
             observe(f"layer{i}.moe", hidden)

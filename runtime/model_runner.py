@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moerun.backends.base import ModelSpec, get_backend_class
+from moerun.backends.base import Backend, ModelSpec, get_backend_class
 from moerun.backends.errors import ConfigError
 from moerun.runtime.checkpoint import Checkpoint
 from moerun.runtime.kv_cache import allocate_kv_caches
@@ -50,20 +50,26 @@ class _RowPlan:
     prompt: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)  # (index, first row, count, first position)
 
 
+def build_backend(run: RunConfig, cfg: ModelConfig, num_layers: int, block_size: int) -> Backend:
+    """The run's backend, built (no weights yet), once it has accepted the model: a model its kernels cannot run is
+    refused now, not at the first request."""
+    backend = get_backend_class(run.backend)(run.backend_options, run.dtype)
+    backend.check_model(ModelSpec(
+        hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
+        intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, dtype=run.dtype,
+        kv_block_size=block_size, fp8_block=cfg.fp8_block))
+    if num_layers > cfg.num_layers:
+        raise ConfigError(f"model.num_layers: {num_layers} is more than the checkpoint's {cfg.num_layers} layers")
+    return backend
+
+
 class ModelRunner:
     def __init__(self, run: RunConfig, folder: Path, config: ModelConfig, num_layers: int, block_size: int,
                  max_model_len: int, sample_vocab_size: int, progress: Callable[[int, int], None] | None = None) -> None:
         self.config = cfg = config
-        self.backend = backend = get_backend_class(run.backend)(run.backend_options, run.dtype)
+        self.backend = backend = build_backend(run, cfg, num_layers, block_size)
         self.block_size = block_size
-        # The backend refuses a model its kernels cannot run now, not at the first request.
-        backend.check_model(ModelSpec(
-            hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
-            intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, dtype=run.dtype,
-            kv_block_size=block_size, fp8_block=cfg.fp8_block))
-        if num_layers > cfg.num_layers:
-            raise ConfigError(f"model.num_layers: {num_layers} is more than the checkpoint's {cfg.num_layers} layers")
         loader = WeightLoader(Checkpoint(folder), cfg, backend)
         check_memory(backend, cfg, num_layers, run.kv_num_blocks, block_size, loader.weight_bytes(num_layers))
         weights = loader.load(num_layers, progress)

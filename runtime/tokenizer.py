@@ -166,6 +166,11 @@ def _eos_ids(backend: tokenizers.Tokenizer, gen_config: dict, model_config: dict
     return tuple(ids)
 
 
+def read_chat_template(folder: Path) -> tuple[str | None, str | None]:
+    """(template text, where it was found) of a checkpoint folder, or (None, None) when it has none."""
+    return _find_template(folder, read_optional_json(folder / "tokenizer_config.json"))
+
+
 def _find_template(folder: Path, tok_config: dict[str, Any]) -> tuple[str | None, str | None]:
     """chat_template.jinja (what newer transformers versions write) takes precedence over tokenizer_config.json,
     as it does in transformers."""

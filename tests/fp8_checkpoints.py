@@ -59,3 +59,20 @@ def make_fp8_pair(float_folder: Path, fp8_folder: Path, ref_folder: Path, block:
         folder.mkdir(parents=True, exist_ok=True)
         save_file(data, str(folder / "model.safetensors"), metadata={"format": "pt"})
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def shard_checkpoint(folder: Path, num_shards: int) -> None:
+    """Split folder/model.safetensors into num_shards files named and indexed as the release is
+    (model-00001-of-0000N.safetensors + model.safetensors.index.json), tensors dealt round-robin by name."""
+    single = folder / "model.safetensors"
+    tensors = load_file(str(single))
+    weight_map = {}
+    for i in range(num_shards):
+        name = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {k: tensors[k] for k in sorted(tensors)[i::num_shards]}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    single.unlink()

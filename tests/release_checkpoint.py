@@ -72,6 +72,8 @@ E4M3_RMS = float(torch.from_numpy(_CODES).view(torch.float8_e4m3fn).float().pow(
 def release_config(num_layers: int = 1, **overrides) -> dict:
     config = {**RELEASE_CONFIG, **overrides, "num_hidden_layers": num_layers}
     config["attn_type_list"] = [1] * num_layers
+    if config["vocab_size"] < RELEASE_CONFIG["vocab_size"]:  # a narrowed vocabulary keeps its special ids inside it
+        config["bos_token_id"], config["eos_token_id"] = config["vocab_size"] - 2, config["vocab_size"] - 1
     return config
 
 

@@ -50,7 +50,7 @@ def test_truncated_or_corrupt_safetensors(damage, good, write_yaml, tmp_path, ca
 
 def test_unknown_dtype(good, write_yaml, tmp_path, capsys):
     assert_one_line(*run_cli(_logits(write_yaml(run_yaml(good, dtype="float8")), tmp_path / "o.npy"), capsys),
-                     "model.dtype: 'float8' is not allowed (allowed: float32, bfloat16, float16)")
+                     "model.dtype: 'float8' is not allowed (allowed: float32, bfloat16, float16, float64)")
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -58,7 +58,7 @@ def test_unknown_dtype(good, write_yaml, tmp_path, capsys):
     (lambda d: d["model"].update(dtpye="float32"), "model.dtpye: unknown key"),
     (lambda d: d["kv_cache"].update(num_blocks="many"), "kv_cache.num_blocks: expected int"),
     (lambda d: d.update(backend="tpu"), "backend: unknown backend 'tpu' (allowed: ascend, cpu, cuda)"),
-    (lambda d: d.update(cpu={"thread": 2}), "cpu.thread: unknown key (allowed: threads)"),
+    (lambda d: d.update(cpu={"thread": 2}), "cpu.thread: unknown key (allowed: threads, weights)"),
     (lambda d: d["kv_cache"].update(block_size=7), "kv_cache.block_size: 7 is not supported by backend cpu"),
 ], ids=["top_key", "model_key", "wrong_type", "backend", "backend_section", "block_size"])
 def test_yaml_typos(mutate, message, good, write_yaml, tmp_path, capsys):

@@ -16,7 +16,7 @@ def test_relative_model_path_resolves_against_the_yaml_folder(tmp_path):
     run = load_run_config(cfg)
     assert run.model_path == str((tmp_path / "ckpt").resolve())
     assert run.dtype == torch.bfloat16 and run.kv_num_blocks == 512 and run.kv_block_size is None
-    assert run.backend_options == {"threads": 0}
+    assert run.backend_options == {"threads": 0, "weights": "model"}
 
 
 def test_builtin_demo_and_defaults():

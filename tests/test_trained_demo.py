@@ -27,7 +27,7 @@ from moerun.backends.errors import CheckpointError
 from moerun.runtime import demo, trained_demo
 from moerun.runtime.commands.common import load_target
 from moerun.runtime.engine import Engine
-from moerun.runtime.parity import Thresholds, compare_logits
+from moerun.runtime.parity import calibrated_verdict
 from moerun.runtime.parsers import parse_chat_output
 from moerun.runtime.run_config import parse_run_config
 from moerun.runtime.sampling_params import SamplingParams
@@ -210,20 +210,14 @@ def test_questions_a_tool_answers_get_a_schema_valid_call_of_that_tool(heldout_a
 # --- other backends ---------------------------------------------------------------------------------------------
 
 def test_cpu_and_emulated_ascend_agree_in_bf16(engine):
-    """Within the default parity thresholds, on the positions that predict what the model was trained to write.
-    The prompt positions (system text, tool schemas, user turns) were never trained: their next-token
-    distributions are flat, and there bf16 rounding alone moves top-1 (docs/demo.md has the figures)."""
-    rows, ids_all = [], []
-    for text in demo_corpus.render_conversations(HELDOUT_SEED, count=3):
-        ids, trained = trained_tokens(engine.tokenizer, text)
-        rows.append(torch.tensor(trained[1:] + [False]))  # logits row i predicts token i + 1
-        ids_all.append(ids)
+    """The calibrated verdict of `moerun parity`: the emulated Ascend run in bf16 is about as close to a float32 run
+    (HP) as the CPU reference's bf16 run is, over held-out conversations. (The fixed verdict fails even CPU fp32
+    against CPU bf16 here: the untrained prompt positions have flat distributions whose top-1 rounding flips;
+    docs/demo.md has the figures.)"""
+    ids = [engine.tokenizer.encode(t) for t in demo_corpus.render_conversations(HELDOUT_SEED, count=3)]
     ascend = Engine(parse_run_config({"backend": "ascend", "model": {"path": "builtin:demo", "dtype": "bfloat16"},
                                       "kv_cache": {"block_size": 128, "num_blocks": 16},
                                       "ascend": {"emulate": True}}, ROOT))
-    cpu = cpu_engine("bfloat16")
-    keep = torch.cat(rows)
-    a = torch.cat([cpu.logits(ids) for ids in ids_all])[keep]
-    b = torch.cat([ascend.logits(ids) for ids in ids_all])[keep]
-    report = compare_logits(a, b, Thresholds())
-    assert report.positions >= 100 and report.passed, report.failures
+    hp, cpu, candidate = (torch.cat([e.logits(x) for x in ids]) for e in (engine, cpu_engine("bfloat16"), ascend))
+    verdict = calibrated_verdict(hp, cpu, candidate)
+    assert verdict.floor.positions >= 500 and verdict.passed, verdict.failures

@@ -6,27 +6,35 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from moerun.backends.base import (
     AttentionMetadata, Backend, Capabilities, LinearWeight, W8A8ExpertWeights, W8A8LinearWeight)
 from moerun.backends.cpu import ops, w8a8
 from moerun.backends.errors import ConfigError, shown
 
+# cpu.weights: what the loader keeps of a float weight the checkpoint stores narrower than model.dtype.
+WEIGHTS_CHOICES = ("model", "checkpoint")
+
 
 class CpuBackend(Backend):
     name = "cpu"
     capabilities = Capabilities(
-        dtypes=(torch.float32, torch.bfloat16, torch.float16),
+        dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
         kv_block_sizes=(16, 32, 64, 128, 256),
         fp8_weights=False,
         w8a8=True,  # the reference W8A8 arithmetic of w8a8.py, so `backend: cpu` runs W8A8 checkpoints
     )
-    default_options = {"threads": 0}  # 0: torch's default
+    # threads 0: torch's default. weights "model": float weights converted to model.dtype at load; "checkpoint":
+    # a weight stored narrower than model.dtype (bf16 under a float32 run) stays as stored and is widened per op,
+    # the same arithmetic at a fraction of the memory (how `moerun parity` fits its high-precision run).
+    default_options = {"threads": 0, "weights": "model"}
 
     @classmethod
     def validate_options(cls, options: dict[str, Any] | None, key_path: str) -> dict[str, Any]:
         options = super().validate_options(options, key_path)
+        if options["weights"] not in WEIGHTS_CHOICES:
+            raise ConfigError(f"{key_path}.weights: {shown(options['weights'])} is not allowed "
+                              f"(allowed: {', '.join(WEIGHTS_CHOICES)})")
         # Far more threads than cores only slows torch down; thousands make OpenMP crash the process.
         most = max_threads()
         if not 0 <= options["threads"] <= most:
@@ -43,6 +51,10 @@ class CpuBackend(Backend):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def weight_dtype(self, stored: torch.dtype) -> torch.dtype:
+        keep = self.options.get("weights") == "checkpoint" and stored.is_floating_point and stored.itemsize < self.dtype.itemsize
+        return stored if keep else self.dtype
+
     def prepare_linear(self, w: LinearWeight | W8A8LinearWeight):
         return w if isinstance(w, W8A8LinearWeight) else w.weight
 
@@ -56,7 +68,7 @@ class CpuBackend(Backend):
         ops.write_kv(kv_cache, k, v, meta.slot_mapping)
 
     def linear(self, x, w):
-        return w8a8.linear(x, w) if isinstance(w, W8A8LinearWeight) else F.linear(x, w)
+        return w8a8.linear(x, w) if isinstance(w, W8A8LinearWeight) else ops.linear(x, w)
 
     def rms_norm(self, x, weight, eps):
         return ops.rms_norm(x, weight, eps)

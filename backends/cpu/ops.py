@@ -1,7 +1,8 @@
 """Reference implementations of every backend op, in plain PyTorch.
 
-Written for clarity and exactness first: statistics, softmax and the expert combine run in fp32, and each op
-follows the MiniMax-M2 math of transformers' MiniMaxM2ForCausalLM. Other backends' tests call these functions
+Written for clarity and exactness first: statistics, softmax and the expert combine run in fp32 (in float64 when
+the model runs in float64, as a high-precision reference does), and each op follows the MiniMax-M2 math of
+transformers' MiniMaxM2ForCausalLM. Other backends' tests call these functions
 directly as their oracle, so they take plain tensors (no backend state) and work on any device.
 """
 
@@ -15,9 +16,26 @@ import torch
 import torch.nn.functional as F
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of statistics and accumulations: fp32, or the input's own where it is finer (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# Rows of a stored-narrower weight widened at a time by `linear` (bounds the scratch to ~64 MB at M2's hidden size).
+_WIDEN_ROWS = 4096
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ w^T. A weight held narrower than x (cpu `weights: checkpoint`) is widened a block of rows at a
+    time: the same products as a weight converted at load, without a full-width copy of a 200k-row lm_head."""
+    if w.dtype == x.dtype:
+        return F.linear(x, w)
+    return torch.cat([F.linear(x, w[i:i + _WIDEN_ROWS].to(x.dtype)) for i in range(0, w.shape[0], _WIDEN_ROWS)], dim=-1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # As transformers does it: normalize in fp32, cast back to the input dtype, then scale by the weight.
-    xf = x.float()
+    xf = x.to(wide(x.dtype))
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
 
@@ -132,8 +150,8 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: list[int
 def route(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmoid scores; the correction bias only chooses the experts; weights are the chosen unbiased scores,
     renormalized to sum 1. All in fp32: bf16 here flips expert choices."""
-    scores = torch.sigmoid(router_logits.float())
-    ids = torch.topk(scores + bias.float(), top_k, dim=-1).indices
+    scores = torch.sigmoid(router_logits.to(wide(router_logits.dtype)))
+    ids = torch.topk(scores + bias.to(scores.dtype), top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
@@ -142,12 +160,21 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
             w2: torch.Tensor) -> torch.Tensor:
     """Routed SwiGLU experts: two grouped matmuls (one group per expert, pairs in expert order) run every
-    expert's tokens in one call each, rounding as one linear per expert would."""
+    expert's tokens in one call each, rounding as one linear per expert would. A float64 run, or a stack held
+    narrower than x (cpu `weights: checkpoint`), which torch's grouped matmul takes neither of, runs expert by
+    expert, each expert's weights widened as it runs (the same products)."""
     inter = w2.shape[-1]
-    pairs = _ExpertPairs.of(ids, w13.shape[0])
-    gate_up = _grouped_linear(x[pairs.token], w13, pairs.ends)
-    y = _grouped_linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2, pairs.ends)
-    return pairs.combine(y, weights, x.dtype)
+    if x.dtype == w13.dtype and x.dtype in _GROUPED_MM_DTYPES:
+        pairs = _ExpertPairs.of(ids, w13.shape[0])
+        gate_up = _grouped_linear(x[pairs.token], w13, pairs.ends)
+        y = _grouped_linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2, pairs.ends)
+        return pairs.combine(y, weights, x.dtype)
+
+    def expert_out(expert: int, tokens: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(x[tokens], w13[expert].to(x.dtype))
+        return F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2[expert].to(x.dtype))
+
+    return routed_sum(x, weights, ids, w13.shape[0], expert_out)
 
 
 def routed_sum(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
@@ -179,10 +206,15 @@ class _ExpertPairs:
         return cls(order, order // top_k, ends, num_tokens)
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The weighted sum of each token's expert outputs y [T * k, H] (sorted pairs), in fp32, rounded once."""
-        out = torch.zeros(self.num_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
-        out.index_add_(0, self.token, y.float() * weights.reshape(-1)[self.order, None].float())
+        """The weighted sum of each token's expert outputs y [T * k, H] (sorted pairs), in fp32 (float64 for
+        float64), rounded once."""
+        acc = wide(dtype)
+        out = torch.zeros(self.num_tokens, y.shape[-1], dtype=acc, device=y.device)
+        out.index_add_(0, self.token, y.to(acc) * weights.reshape(-1)[self.order, None].to(acc))
         return out.to(dtype)
+
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

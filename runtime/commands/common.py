@@ -57,30 +57,19 @@ def load_target(config: str | None) -> Target:
     return Target(run, folder, load_model_config(folder))
 
 
-def load_engine(target: Target | str | None, num_layers: int | None = None, label: str = "loading"):
-    """Build the engine of a target (or of a YAML file, the embedded demo when None), with a progress bar over
-    the checkpoint's bytes: GB read of GB to read, and the rate so far."""
+def load_engine(target: Target | RunConfig | str | None, num_layers: int | None = None, label: str = "loading"):
+    """Build the engine of a target, a run config or a YAML file (the embedded demo when None), with a progress
+    bar over the checkpoint's bytes."""
     from moerun.runtime.engine import Engine
 
-    run = target.run if isinstance(target, Target) else load_run_config(demo_config_path() if target is None else target)
+    if isinstance(target, Target):
+        run = target.run
+    elif isinstance(target, RunConfig):
+        run = target
+    else:
+        run = load_run_config(demo_config_path() if target is None else target)
     with contextlib.ExitStack() as stack:
-        bar = None
-        start = time.perf_counter()
-
-        def show(done: int | None) -> str:
-            if done is None:
-                return ""
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            return f"{done / 1e9:.2f}/{bar.length / 1e9:.2f} GB  {rate / 1e9:.2f} GB/s"
-
-        def progress(done: int, total: int) -> None:
-            nonlocal bar
-            if bar is None:
-                bar = stack.enter_context(click.progressbar(length=total, label=f"{label} {run.backend}",
-                                                            file=sys.stderr, item_show_func=show))
-            bar.update(done - bar.pos, current_item=done)
-
-        return Engine(run, num_layers=num_layers, progress=progress)
+        return Engine(run, num_layers=num_layers, progress=ByteProgress(stack, f"{label} {run.backend}"))
 
 
 class FiniteFloat(click.FloatRange):
@@ -93,6 +82,24 @@ class FiniteFloat(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
+
+
+class ByteProgress:
+    """A progress bar over bytes on stderr, with GB done and GB/s; call it with (bytes done, bytes total)."""
+
+    def __init__(self, stack: contextlib.ExitStack, label: str) -> None:
+        self.stack, self.label = stack, label
+        self.bar = None
+        self.shown = 0
+        self.start = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = self.stack.enter_context(click.progressbar(
+                length=max(total, 1), label=self.label, file=sys.stderr, item_show_func=lambda text: text))
+        rate = done / 1e9 / max(time.monotonic() - self.start, 1e-9)
+        self.bar.update(done - self.shown, f"{done / 1e9:.2f}/{total / 1e9:.2f} GB, {rate:.2f} GB/s")
+        self.shown = done
 
 
 def parse_token_ids(text: str) -> list[int]:
@@ -145,6 +152,9 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None], option: str 
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the mode a plain open() would give, not mkstemp's private 0600
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -152,3 +162,7 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None], option: str 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_npy_atomically(path: Path, array: np.ndarray) -> None:
+    write_atomically(path, lambda f: np.save(f, array))

@@ -1,0 +1,44 @@
+"""A configuration checked the way the engine will check it, without reading a weight: so a command that runs
+several configurations in turn (parity, fingerprint probes) can refuse a bad one before loading any."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from moerun.backends.base import get_backend_class
+from moerun.backends.errors import MoerunError
+from moerun.runtime.checkpoint import Checkpoint
+from moerun.runtime.engine import resolve_model_folder
+from moerun.runtime.limits import RequestLimits
+from moerun.runtime.loader import validate_checkpoint
+from moerun.runtime.model_config import ModelConfig, load_model_config
+from moerun.runtime.model_runner import build_backend
+from moerun.runtime.run_config import RunConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedConfig:
+    run: RunConfig
+    folder: Path
+    config: ModelConfig
+    limits: RequestLimits
+
+    def check_prompt(self, token_ids: list[int], what: str) -> None:
+        """The checks a request's prompt meets: ids in the vocabulary, length within the context."""
+        if not token_ids:
+            raise MoerunError(f"{what}: no token ids")
+        self.limits.check_token_ids(token_ids, what)
+        self.limits.check_lengths([len(token_ids)], f"{what} ({len(token_ids)} tokens)")
+
+
+def check_configuration(run: RunConfig) -> CheckedConfig:
+    """config.json, the layer count, the backend (built, then dropped) and its verdict on the model, the
+    checkpoint's tensor set (headers only) and the context length."""
+    folder = resolve_model_folder(run.model_path)
+    cfg = load_model_config(folder)
+    layers = run.num_layers or cfg.num_layers
+    block_size = run.kv_block_size or get_backend_class(run.backend).capabilities.kv_block_sizes[0]
+    build_backend(run, cfg, layers, block_size)
+    validate_checkpoint(Checkpoint(folder), cfg, layers)
+    return CheckedConfig(run, folder, cfg, RequestLimits.of(run, cfg))

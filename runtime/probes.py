@@ -1,0 +1,62 @@
+"""Reference probes for a fingerprint manifest: for each case of the probe set, the prompt the checkpoint's own chat
+template renders, the greedy continuation, and the top-20 logprobs at every position of prompt + continuation
+(teacher-forced), from one named trusted configuration whose provenance is recorded with them."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import torch
+
+from moerun.runtime.probe_set import PROBE_SET_VERSION, PROBES
+from moerun.runtime.sampling_params import SamplingParams
+
+PROBE_TOKENS = 16  # greedy tokens per probe
+TOP_LOGPROBS = 20  # what OpenAI-compatible servers return at most (top_logprobs <= 20)
+
+
+def run_probe(engine, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """The only engine calls of probing, kept together: the greedy continuation (stop tokens excluded), then the
+    teacher-forced logits [T, V] of prompt + continuation."""
+    [output] = engine.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=max_new_tokens, seed=0))
+    continuation = list(output.output_token_ids)
+    if isinstance(output.stop_reason, int):
+        continuation.pop()  # the stop token itself
+    return continuation, engine.logits(prompt_ids + continuation)
+
+
+def record_probes(engine, config_source: str, max_new_tokens: int = PROBE_TOKENS) -> dict:
+    run = engine.run
+    cases = []
+    for probe in PROBES:
+        text = engine.tokenizer.apply_chat_template(probe["messages"], tools=probe.get("tools"))
+        prompt_ids = engine.tokenizer.encode(text)
+        continuation, logits = run_probe(engine, prompt_ids, max_new_tokens)
+        top = torch.log_softmax(logits.double(), -1).topk(min(TOP_LOGPROBS, logits.shape[-1]), dim=-1)
+        cases.append({
+            **probe,
+            "prompt_ids": prompt_ids,
+            "greedy_ids": continuation,
+            "finish": "length" if len(continuation) == max_new_tokens else "stop",
+            # Row i is the distribution after token i of prompt + continuation, i.e. the prediction of token i + 1.
+            "top_ids": top.indices.tolist(),
+            "top_logprobs": [[round(v, 6) for v in row] for row in top.values.tolist()],
+        })
+    return {
+        "probe_set": PROBE_SET_VERSION,
+        "configuration": {
+            "source": config_source, "backend": run.backend, "dtype": run.dtype_name,
+            "backend_options": run.backend_options, "num_layers": run.num_layers, "device": engine.backend.describe(),
+            "moerun": _version("moerun"), "torch": torch.__version__,
+        },
+        "max_new_tokens": max_new_tokens,
+        "top_logprobs": TOP_LOGPROBS,
+        "cases": cases,
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
