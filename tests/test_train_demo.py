@@ -46,10 +46,11 @@ def _hashes(folder: Path) -> dict:
 
 
 def test_a_few_training_steps_write_a_loadable_checkpoint(tmp_path):
-    runs = []
+    runs, settings = [], (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     for name in ("a", "b"):
         record = train_demo.train(tmp_path / name, train_demo.QUICK, log=lambda line: None)
         runs.append(tmp_path / name)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == settings  # left as it was
     assert demo.matches_manifest(runs[0], trained_demo.VERSION, trained_demo.FILES)
     assert _hashes(runs[0]) == _hashes(runs[1])  # seeded: the same settings give the same bytes
     assert math.isfinite(record["train_loss_last_50_steps"]) and math.isfinite(record["heldout_loss"][-1]["loss"])

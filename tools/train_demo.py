@@ -15,6 +15,7 @@ bf16 weights with an fp32 router, two shards with an index) plus a manifest of s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -250,10 +252,27 @@ def write_checkpoint(folder: Path, tok, ids: dict[str, int], vocab_size: int, mo
 
 # --- the run ----------------------------------------------------------------------------------------------------
 
-def train(out: Path, s: Settings, log) -> dict:
-    t_start = time.time()
-    torch.set_num_threads(s.threads)
+@contextlib.contextmanager
+def deterministic_torch(threads: int) -> Iterator[None]:
+    """Deterministic kernels on `threads` threads while training; torch's settings as they were afterwards, so a
+    caller in the same process (a test) is left as it was."""
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+
+
+def train(out: Path, s: Settings, log) -> dict:
+    with deterministic_torch(s.threads):
+        return _train(out, s, log)
+
+
+def _train(out: Path, s: Settings, log) -> dict:
+    t_start = time.time()
     conversations = list(demo_corpus.render_conversations(s.seed, max_chars=int(s.corpus_mb * 1e6)))
     heldout_text = list(demo_corpus.render_conversations(s.heldout_seed, count=s.heldout_conversations))
     tok = train_tokenizer(conversations)
