@@ -231,15 +231,14 @@ def test_fingerprinting_streams_under_a_memory_limit_below_the_checkpoint_size(t
     assert json.loads((tmp_path / "m.json").read_text())["tensors"]["layer1.a"]["sha256"] == zeros
 
 
-def test_reference_probes_from_a_trusted_configuration(tmp_path, monkeypatch, capsys):
+def test_reference_probes_from_a_trusted_configuration(tmp_path, capsys):
     """Probes through the demo checkpoint's own template: the greedy continuation (decode path) agrees with the
     top-1 of the teacher-forced logprobs (prefill path) at every generated position."""
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "cache"))
-    from moerun.runtime.demo import ensure_demo_checkpoint
     from moerun.runtime.probe_set import PROBES
     from moerun.runtime.tokenizer import Tokenizer
+    from moerun.runtime.trained_demo import trained_demo_folder
 
-    folder = ensure_demo_checkpoint()
+    folder = trained_demo_folder()
     config = tmp_path / "trusted.yaml"
     config.write_text("backend: cpu\nmodel: {path: 'builtin:demo', dtype: float32}\n")
     out = tmp_path / "m.json"
