@@ -73,6 +73,15 @@ class ExpertWeights:
     w13_scale_inv: torch.Tensor | None = None  # [E, ceil(2I/bn), ceil(H/bk)] for FP8
     w2_scale_inv: torch.Tensor | None = None  # [E, ceil(H/bn), ceil(I/bk)]
     block: tuple[int, int] | None = None
+    # Expert parallelism: the stacks hold experts first_expert .. first_expert + E - 1 of the layer's
+    # layer_experts (0: the stacks hold them all). Routing ids are the layer's; pairs routed to experts outside
+    # the stacks are another rank's and contribute nothing here (the graph sums the ranks' outputs).
+    first_expert: int = 0
+    layer_experts: int = 0
+
+    @property
+    def holds_all_experts(self) -> bool:
+        return self.layer_experts in (0, self.w13.shape[0])
 
 
 @dataclasses.dataclass
@@ -167,6 +176,23 @@ class Backend(abc.ABC):
     def check_model(self, spec: ModelSpec) -> None:
         """Raise UnsupportedModelError naming the limit when the kernels cannot run this model."""
 
+    @classmethod
+    def options_for_rank(cls, options: dict[str, Any], local_rank: int, world_size: int) -> dict[str, Any]:
+        """The options of the process that is local rank `local_rank` of a world of several ranks, one device per
+        process: a backend with several devices per host points each process at its own here."""
+        return options
+
+    @classmethod
+    def keeps_fp8(cls, options: dict[str, Any]) -> bool:
+        """Whether this backend, built with `options` on the hardware it targets, executes FP8 block weights as
+        stored (the capacity planner's question; a built backend answers with capabilities.fp8_weights)."""
+        return cls.capabilities.fp8_weights
+
+    @property
+    def process_group_backend(self) -> str:
+        """The torch.distributed backend for collectives between ranks on this kind of device."""
+        return "gloo"
+
     def device_info(self) -> dict[str, Any]:
         """{"name": str, "memory_total": int | None, "memory_free": int | None} in bytes; None when unknown."""
         return {"name": str(self.device), "memory_total": None, "memory_free": None}
@@ -250,7 +276,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: Any) -> torch.Tensor:
-        """sum_j weights[t, j] * SwiGLU_expert(ids[t, j])(x[t]) -> [T, H] in x's dtype."""
+        """sum_j weights[t, j] * SwiGLU_expert(ids[t, j])(x[t]) -> [T, H] in x's dtype, over the pairs whose expert
+        the stacks hold (ExpertWeights.first_expert: ids are global, other ranks compute the rest)."""
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, bias: torch.Tensor, top_k: int,
             experts: Any) -> torch.Tensor:
@@ -260,6 +287,16 @@ class Backend(abc.ABC):
 
     def synchronize(self) -> None:
         """Wait for queued device work (for timings)."""
+
+
+def device_of_local_rank(name: str, local_rank: int) -> str:
+    """The device of local rank r when a backend's option names "kind:N" (or "kind"): "kind:N+r", one device per
+    process, in the order the devices are visible (CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES choose them).
+    A name that is no "kind:N" is left for the backend to refuse."""
+    kind, _, index = name.partition(":")
+    if kind == "cpu" or not (index or "0").isdigit():
+        return name
+    return f"{kind}:{int(index or 0) + local_rank}"
 
 
 def _same_kind(value: Any, default: Any) -> bool:

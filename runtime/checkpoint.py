@@ -146,24 +146,38 @@ class Checkpoint:
         self.read_into(name, out)
         return out
 
-    def read_into(self, name: str, out: torch.Tensor, first_row: int = 0) -> None:
-        """Fill the contiguous host tensor `out` with the stored bytes of `name` from row first_row on, as many as
-        `out` holds (a whole tensor, or a band of rows of one read a band at a time)."""
+    def read_into(self, name: str, out: torch.Tensor, first_row: int = 0, cols: range | None = None) -> None:
+        """Fill the contiguous host tensor `out` with the stored bytes of `name` from row first_row on, as many rows
+        as `out` holds (a whole tensor, or a band of rows of one read a band at a time); with `cols`, only those
+        columns of each row of a 2-D tensor (a rank's column slice).
+
+        A column slice is read as one plain read per row, straight into `out`: the rank's bytes and no more, and no
+        buffer beyond `out` itself. Reading bands of whole rows and cutting them would read N times the tensor's
+        share on each of N ranks and stage whole rows per worker. The price is a system call per row, about 8 us
+        measured: 3072 of them for an M2 o_proj under TP (25 ms a layer); a layout that splits each expert's
+        intermediate (EP < world) pays as much per expert's w2, which adds minutes to a full M2 load, while
+        with EP = world (every shipped config) a rank reads its experts' w2 whole."""
         path = self.file_of[name]
         start, end = self._extent(name)
-        if first_row:
-            start += first_row * ((end - start) // self.shape(name)[0])
+        shape = self.shape(name)
+        row_bytes = (end - start) // shape[0] if shape and shape[0] else 0
         buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
-        if start + len(buffer) > end:
+        if cols is None:
+            pieces = [(start + first_row * row_bytes, buffer)]
+        else:
+            item = row_bytes // shape[1]
+            width = len(cols) * item
+            rows = len(buffer) // width if width else 0
+            pieces = [(start + (first_row + r) * row_bytes + cols.start * item, buffer[r * width:(r + 1) * width])
+                      for r in range(rows)]
+            if cols.stop > shape[1]:
+                raise ValueError(f"{name}: columns {cols.start}..{cols.stop} run past its {shape[1]} columns")
+        if pieces and pieces[-1][0] + len(pieces[-1][1]) > end:
             raise ValueError(f"{name}: {len(buffer)} bytes from row {first_row} run past the tensor's end")
         try:
             with open(path, "rb", buffering=0) as f:
-                done = 0
-                while done < len(buffer):  # a read may return less than asked (at most ~2 GB per call on Linux)
-                    n = os.preadv(f.fileno(), [buffer[done:]], start + done)
-                    if n == 0:
-                        raise CheckpointError(f"{name}: cannot be read from {path.name} (the file ends early)")
-                    done += n
+                for offset, piece in pieces:
+                    _read_fully(f.fileno(), piece, offset, name, path)
         except OSError as e:
             raise CheckpointError(f"{name}: cannot be read from {path.name} ({e.strerror or e})") from None
 
@@ -177,6 +191,15 @@ class Checkpoint:
             self._extents[path] = {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
                                    for k, v in header.items() if k != "__metadata__"}
         return self._extents[path][name]
+
+
+def _read_fully(fd: int, buffer: memoryview, offset: int, name: str, path: Path) -> None:
+    done = 0
+    while done < len(buffer):  # a read may return less than asked (at most ~2 GB per call on Linux)
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"{name}: cannot be read from {path.name} (the file ends early)")
+        done += n
 
 
 def _declared_header_size(path: Path) -> int:

@@ -34,6 +34,7 @@ COMMANDS = {
     "fingerprint": "moerun.runtime.commands.fingerprint:fingerprint",
     "quantize": "moerun.runtime.commands.quantize:quantize",
     "serve": "moerun.runtime.commands.serve:serve",
+    "plan": "moerun.runtime.commands.plan:plan",
     "bench": "moerun.runtime.bench:bench",
 }
 
@@ -89,7 +90,7 @@ def _run(argv: list[str], debug: bool) -> int:
     except MoerunError as e:
         if debug:
             raise
-        return _error(str(e), EXIT_BAD_INPUT)
+        return _error(_rank_prefix(str(e)) + str(e), getattr(e, "exit_code", EXIT_BAD_INPUT))
     except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C inside a command into Abort
         if debug:
             raise
@@ -106,6 +107,13 @@ def _run(argv: list[str], debug: bool) -> int:
         detail = _first_line(e) or "the allocator refused"
         return _error(f"out of memory ({detail}); load fewer layers (--layers, model.num_layers), lower "
                       f"kv_cache.num_blocks, or send a shorter request", EXIT_BAD_INPUT)
+
+
+def _rank_prefix(message: str) -> str:
+    """Under torchrun every rank may say the same line: each says which rank it is."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not message.startswith("rank "):
+        return f"rank {os.environ.get('RANK', '?')}: "
+    return ""
 
 
 def signal_exit(signum: int) -> int:

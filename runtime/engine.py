@@ -21,7 +21,6 @@ from moerun.backends.base import get_backend_class
 from moerun.backends.errors import CheckpointError
 from moerun.runtime.block_manager import BlockManager
 from moerun.runtime.detokenizer import IncrementalDetokenizer
-from moerun.runtime.limits import max_model_len
 from moerun.runtime.model_config import load_model_config
 from moerun.runtime.model_runner import ModelRunner, Observe
 from moerun.runtime.request import Request, RequestOutput
@@ -67,12 +66,12 @@ class Engine:
             generation_config, str(self.folder / "generation_config.json"))
         self.eos_token_ids = self._tokenizer.eos_token_ids if self._tokenizer else _eos_ids(generation_config, cfg.eos_token_ids)
         block_size = run.kv_block_size or get_backend_class(run.backend).capabilities.kv_block_sizes[0]
-        self.max_model_len = max_model_len(run, cfg.max_position_embeddings, run.kv_num_blocks * block_size)
         # The tokenizer's vocabulary: a checkpoint's vocab_size may be padded past it, and those ids never sampled.
         sample_vocab = min(cfg.vocab_size, self._tokenizer.vocab_size) if self._tokenizer else cfg.vocab_size
         self.runner = ModelRunner(run, self.folder, cfg, num_layers or run.num_layers or cfg.num_layers, block_size,
-                                  self.max_model_len, sample_vocab, progress)
-        self.block_manager = BlockManager(run.kv_num_blocks, block_size, run.scheduler.enable_prefix_caching)
+                                  sample_vocab, progress)
+        self.max_model_len = self.runner.max_model_len  # scheduler.max_model_len, within what the cache holds
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, run.scheduler.enable_prefix_caching)
         self.scheduler = Scheduler(run.scheduler, self.block_manager)
         self._requests: dict[str, Request] = {}
         self._seeds = random.Random()  # seeds of requests that bring none
@@ -94,6 +93,33 @@ class Engine:
     @property
     def backend(self):
         return self.runner.backend
+
+    @property
+    def comm(self):
+        return self.runner.comm
+
+    @property
+    def bytes_read(self) -> int:
+        """Checkpoint bytes this rank read: its slices."""
+        return self.runner.bytes_read
+
+    def run_worker(self) -> None:
+        """On every rank but 0: run the steps rank 0 schedules, until it closes its engine."""
+        self.runner.serve_steps()
+
+    def close(self) -> None:
+        """End the run: on several ranks, rank 0 releases the others, and every rank leaves the world."""
+        self.runner.close()
+
+    def keepalive(self) -> None:
+        """Rank 0, idle (a server between requests): tell the other ranks it is there, before their wait for the
+        next step reaches parallel.init_timeout_s. Nothing on one rank."""
+        self.runner.keepalive()
+
+    @property
+    def keepalive_interval_s(self) -> float | None:
+        """How often an idle rank 0 calls keepalive; None on one rank."""
+        return self.run.parallel.init_timeout_s / 4 if self.comm.world.size > 1 else None
 
     @property
     def model(self):

@@ -13,12 +13,17 @@ through a small reused staging buffer per worker thread, FP8 dequantized band by
 of a layer is ever held twice, so the peak resident memory of a load is the loaded weights plus tens of MB (plus,
 for a backend that dequantizes on the host for a device that cannot hold float8, one layer's experts on the host).
 Before anything is allocated, the weights' bytes are checked against the free memory where they will live.
+
+On several ranks each reads only the slices its ShardPlan gives it (rows of q/k/v and the norms, columns of o_proj,
+its experts and their intermediate slice, its vocabulary rows), into tensors of the slice's size: the bytes read
+and held per rank are about 1/N of the checkpoint. An FP8 slice is read as the blocks covering it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -39,7 +44,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some exporters save; recomputed, never read
 HOST = torch.device("cpu")
 FEWER_LAYERS = ("load fewer layers (--layers N, or model.num_layers in the YAML), or spread the model over more "
-                "devices once multi-device placement lands")
+                "devices (the parallel: section, under torchrun; see `moerun plan`)")
 
 
 def is_quantized(cfg: ModelConfig, module: str) -> bool:
@@ -51,6 +56,48 @@ def is_quantized(cfg: ModelConfig, module: str) -> bool:
 
 def _fp8(cfg: ModelConfig, t: M2Tensor) -> bool:
     return t.kind == LINEAR and is_quantized(cfg, t.module)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """The rows (and, of a 2-D tensor, the columns) of stored tensor `name` that this rank loads."""
+
+    name: str
+    stored_shape: tuple[int, ...]
+    rows: range
+    cols: range | None  # None: a 1-D tensor
+
+    @classmethod
+    def of(cls, name: str, shape: tuple[int, ...], rows: range | None = None, cols: range | None = None) -> _Part:
+        rows = range(shape[0]) if rows is None else rows
+        return cls(name, shape, rows, None if len(shape) == 1 else range(shape[1]) if cols is None else cols)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows),) if self.cols is None else (len(self.rows), len(self.cols))
+
+    @property
+    def col_slice(self) -> range | None:
+        """The columns to read, when not all of them."""
+        return None if self.cols is None or len(self.cols) == self.stored_shape[1] else self.cols
+
+    def blocks(self, block: tuple[int, int]) -> _Part:
+        """The FP8 block scales that cover this part of a weight: its part of `{module}.weight_scale_inv`."""
+        (bn, bk), (rows, cols) = block, self.stored_shape
+        return _Part.of(self.name.removesuffix(".weight") + ".weight_scale_inv", (-(-rows // bn), -(-cols // bk)),
+                        _covering(self.rows, bn), _covering(self.cols, bk))
+
+    def covered(self, block: tuple[int, int]) -> _Part:
+        """The part of the weight that those blocks span: this part widened to block edges."""
+        scales = self.blocks(block)
+        (bn, bk), (rows, cols) = block, self.stored_shape
+        return _Part.of(self.name, self.stored_shape, range(scales.rows.start * bn, min(scales.rows.stop * bn, rows)),
+                        range(scales.cols.start * bk, min(scales.cols.stop * bk, cols)))
+
+
+def _covering(r: range, block: int) -> range:
+    """The blocks of `block` elements that cover r."""
+    return range(r.start // block, -(-r.stop // block))
 
 
 def expected_tensors(cfg: ModelConfig, num_layers: int,
@@ -115,6 +162,7 @@ class WeightLoader:
         # float64 run.
         self.router_dtype = torch.promote_types(self.dtype, torch.float32)
         self._advice = FEWER_LAYERS
+        self.bytes_read = 0  # of the checkpoint, by this rank: about 1/N of it on each of N ranks
         # An msModelSlim W8A8 checkpoint: the modules its description marks W8A8_DYNAMIC load as int8 + scales.
         self.description = ckpt.description
         if self.description is not None:
@@ -123,40 +171,80 @@ class WeightLoader:
     def load(self, num_layers: int, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
         """progress(bytes_read, bytes_total) of the checkpoint, as tensors are read."""
         validate_checkpoint(self.ckpt, self.cfg, num_layers)
-        weights = f"the weights of {count(num_layers, 'layer')}"
+        share = f" (rank {self.plan.rank}'s share: {self.plan.describe()})" if self.plan.world_size > 1 else ""
+        weights = f"the weights of {count(num_layers, 'layer')}{share}"
         need = self.weight_bytes(num_layers)
         check_fits(weights, need, self.backend, FEWER_LAYERS)
         self._advice = f"{weights} need {format_bytes(need)} in all: {FEWER_LAYERS}"
-        total = sum(self.ckpt.nbytes(name) for name in expected_tensors(self.cfg, num_layers, self.description))
-        read = 0
+        total = sum(self._bytes_to_read(t, part) for t, part in self._parts(num_layers))
+        self.bytes_read = 0
 
         def done(nbytes: int) -> None:
-            nonlocal read
-            read += nbytes
+            self.bytes_read += nbytes
             if progress:
-                progress(read, total)
+                progress(self.bytes_read, total)
 
-        outer = model_tensors(self.cfg)
+        outer = self._outer_parts()
         with load_workers() as self._workers:  # in file order: embedding, layers, final norm, lm_head
-            embed = self._load(outer["embed"], done)
+            embed = self._load(*outer["embed"], done)
             layers = [self._layer(i, done) for i in range(num_layers)]
-            norm = self._load(outer["norm"], done)
+            norm = self._load(*outer["norm"], done)
             lm_head = (self._prepare_linear("lm_head", LinearWeight(embed)) if self.cfg.tie_word_embeddings
-                       else self._load(outer["lm_head"], done))
+                       else self._load(*outer["lm_head"], done))
         return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
     def weight_bytes(self, num_layers: int) -> int:
-        """Bytes of the loaded weights on the backend's device: the model dtype, fp32 for the router, float8
-        plus block scales for FP8 weights a backend executes itself, int8 plus channel scales for W8A8 ones."""
+        """Bytes of the loaded weights on the backend's device, this rank's share of them: the model dtype, fp32
+        for the router, float8 plus block scales for FP8 weights a backend executes itself, int8 plus channel
+        scales for W8A8 ones."""
         total = 0
-        for t in all_tensors(self.cfg, num_layers):
+        for t, part in self._parts(num_layers):
             if self._w8a8(t):
-                total += w8a8_weights.held_bytes(t.shape)
+                total += w8a8_weights.held_bytes(part.shape)
             elif _fp8(self.cfg, t) and self.keep_fp8:
-                total += tensor_bytes(t.shape, torch.float8_e4m3fn) + 4 * self._scale_count(t.shape)
+                scales = part.blocks(self.cfg.fp8_block)
+                total += tensor_bytes(part.shape, torch.float8_e4m3fn) + tensor_bytes(scales.shape, torch.float32)
             else:
-                total += tensor_bytes(t.shape, self._float_dtype(t))
+                total += tensor_bytes(part.shape, self._float_dtype(t))
         return total
+
+    def _bytes_to_read(self, t: M2Tensor, part: _Part) -> int:
+        """The checkpoint bytes that loading `part` reads (an FP8 weight dequantized here: the blocks covering it)."""
+        stored = lambda p: tensor_bytes(p.shape, TORCH_DTYPES[self.ckpt.dtype(p.name)])  # noqa: E731
+        if self._w8a8(t):  # the int8 weight, and the fp32 [out, 1] scale and offset of its rows
+            return stored(part) + 2 * 4 * len(part.rows)
+        if not _fp8(self.cfg, t):
+            return stored(part)
+        weight = part if self.keep_fp8 else part.covered(self.cfg.fp8_block)
+        return stored(weight) + stored(part.blocks(self.cfg.fp8_block))
+
+    # ---- this rank's parts of the tensors (ShardPlan) ----------------------------------------------------------
+    def _sliced(self, t: M2Tensor, field: str) -> tuple[M2Tensor, _Part]:
+        return t, _Part.of(t.name, t.shape, *self.plan.tensor_slice(field, self.cfg))
+
+    def _outer_parts(self) -> dict[str, tuple[M2Tensor, _Part]]:
+        return {field: self._sliced(t, field) for field, t in model_tensors(self.cfg).items()}
+
+    def _layer_parts(self, i: int) -> dict[str, tuple[M2Tensor, _Part]]:
+        return {field: self._sliced(t, field) for field, t in layer_tensors(self.cfg, i).items()}
+
+    def _expert_parts(self, i: int, e: int) -> dict[str, tuple[M2Tensor, _Part]]:
+        """w1 and w3 rows, w2 columns: this rank's slice of the expert's intermediate."""
+        inter = self.plan.local_intermediate(self.cfg.intermediate_size)
+        return {part: (t, _Part.of(t.name, t.shape, cols=inter) if part == "w2" else _Part.of(t.name, t.shape, inter))
+                for part, t in expert_tensors(self.cfg, i, e).items()}
+
+    def _parts(self, num_layers: int) -> Iterator[tuple[M2Tensor, _Part]]:
+        """Every tensor this rank loads, with its part, in file order (the tied lm_head is the embedding)."""
+        outer = self._outer_parts()
+        yield outer["embed"]
+        for i in range(num_layers):
+            yield from self._layer_parts(i).values()
+            for e in self.plan.local_experts(self.cfg.num_experts):
+                yield from self._expert_parts(i, e).values()
+        yield outer["norm"]
+        if "lm_head" in outer:
+            yield outer["lm_head"]
 
     def _w8a8(self, t: M2Tensor) -> bool:
         return self.description is not None and self.description.is_quantized(t.module)
@@ -173,15 +261,15 @@ class WeightLoader:
         return self.dtype
 
     # ---- planning: each tensor's destination, allocated once, and the tasks that fill it ------------------------
-    def _load(self, t: M2Tensor, done: Callable[[int], None]) -> object:
-        out, tasks = self._plan(t)
+    def _load(self, t: M2Tensor, part: _Part, done: Callable[[int], None]) -> object:
+        out, tasks = self._plan(t, part)
         self._workers.run(tasks, done)
         return self._finish(t, out)
 
     def _layer(self, i: int, done: Callable[[int], None]) -> LayerWeights:
         planned, tasks = {}, []
-        for field, t in layer_tensors(self.cfg, i).items():
-            out, fill = self._plan(t)
+        for field, (t, part) in self._layer_parts(i).items():
+            out, fill = self._plan(t, part)
             planned[field] = (t, out)
             tasks += fill
         stacks, fill = self._plan_experts(i)
@@ -191,22 +279,22 @@ class WeightLoader:
         with allocating(what, nbytes_of(stacks), self.device, self._advice):
             return LayerWeights(**fields, experts=self.backend.prepare_experts(stacks))
 
-    def _plan(self, t: M2Tensor) -> tuple[object, list[Callable[[], int]]]:
+    def _plan(self, t: M2Tensor, part: _Part) -> tuple[object, list[Callable[[], int]]]:
         if self._w8a8(t):  # the int8 weight as stored and its channel scales, laid out by the backend's prepare
-            weight = self._empty(t.name, t.shape, torch.int8, self.device)
-            scale = self._empty(f"{t.module}.weight_scale", t.shape[:1], w8a8_weights.SCALE_DTYPE, self.device)
-            return W8A8LinearWeight(weight, scale), self._fill_tasks(t.name, weight) + [
-                lambda: self._fill_scale(t.module, scale)]
+            weight = self._empty(t.name, part.shape, torch.int8, self.device)
+            scale = self._empty(f"{t.module}.weight_scale", part.shape[:1], w8a8_weights.SCALE_DTYPE, self.device)
+            return W8A8LinearWeight(weight, scale), self._fill_tasks(part, weight) + [
+                lambda: self._fill_scale(t.module, scale, part.rows.start)]
         if not _fp8(self.cfg, t):
-            out = self._empty(t.name, t.shape, self._float_dtype(t), self.device)
-            return out, self._fill_tasks(t.name, out)
-        scale_name = f"{t.module}.weight_scale_inv"
-        if self.keep_fp8:  # a backend that executes FP8 holds float8 on its device
-            weight = self._empty(t.name, t.shape, torch.float8_e4m3fn, self.device)
-            scale = self._empty(scale_name, self.ckpt.shape(scale_name), torch.float32, self.device)
-            return (weight, scale), self._fill_tasks(t.name, weight) + self._fill_tasks(scale_name, scale)
-        out = self._empty(t.name, t.shape, self.dtype, self.dequant_device)
-        return out, [lambda: self._dequantize_into(t.module, out)]
+            out = self._empty(t.name, part.shape, self._float_dtype(t), self.device)
+            return out, self._fill_tasks(part, out)
+        if self.keep_fp8:  # a backend that executes FP8 holds float8 on its device (slices on block edges)
+            scales = part.blocks(self.cfg.fp8_block)
+            weight = self._empty(t.name, part.shape, torch.float8_e4m3fn, self.device)
+            scale = self._empty(scales.name, scales.shape, torch.float32, self.device)
+            return (weight, scale), self._fill_tasks(part, weight) + self._fill_tasks(scales, scale)
+        out = self._empty(t.name, part.shape, self.dtype, self.dequant_device)
+        return out, [lambda: self._dequantize_into(part, out)]
 
     def _finish(self, t: M2Tensor, out: object) -> object:
         if t.kind != LINEAR:
@@ -217,58 +305,62 @@ class WeightLoader:
         return self._prepare_linear(t.name, weight)
 
     def _plan_experts(self, i: int) -> tuple[ExpertWeights | W8A8ExpertWeights, list[Callable[[], int]]]:
-        """This rank's experts of layer i go into stacks w13 [E, 2I, H] (w1 rows, then w3 rows) and w2 [E, H, I],
-        one task per expert: float8 stacks with stacked block scales for a backend that executes FP8, else stacks
-        in the backend's own layout (empty_experts) and the dtype _float_dtype gives the first expert's w1, or
-        int8 with stacked channel scales for W8A8."""
+        """This rank's experts of layer i (and its slice I of their intermediate) go into stacks w13 [E, 2I, H]
+        (w1 rows, then w3 rows) and w2 [E, H, I], one task per expert: float8 stacks with stacked block scales for
+        a backend that executes FP8, else stacks in the backend's own layout (empty_experts) and the dtype
+        _float_dtype gives the first expert's w1, or int8 with stacked channel scales for W8A8."""
         cfg, local = self.cfg, self.plan.local_experts(self.cfg.num_experts)
-        h, inter = cfg.hidden_size, cfg.intermediate_size
+        h, inter = cfg.hidden_size, len(self.plan.local_intermediate(cfg.intermediate_size))
         what = f"{layer_prefix(i)}.block_sparse_moe.experts"
         first = expert_tensors(cfg, i, local.start)["w1"]
         quantized = _fp8(cfg, first)
         fp8_stacks = quantized and self.keep_fp8
         w8a8 = self._w8a8(first)  # w8a8_format checked that one layer's experts share one format
         if fp8_stacks:
-            stacks = self._fp8_stacks(what, len(local))
+            stacks = self._fp8_stacks(what, len(local), inter)
         else:
             dtype = torch.int8 if w8a8 else self._float_dtype(first)
             nbytes = len(local) * 3 * h * inter * dtype.itemsize
             with allocating(what, nbytes, self.dequant_device, self._advice):
                 stacks = self.backend.empty_experts(len(local), h, inter, dtype, self.dequant_device)
-        if w8a8:
+        if w8a8:  # one W8A8 rank holds all experts (w8a8_weights.check_loadable)
             n, f32 = len(local), w8a8_weights.SCALE_DTYPE
             stacks = W8A8ExpertWeights(w13=stacks.w13, w2=stacks.w2,
                                        w13_scale=self._empty(what, (n, 2 * inter), f32, self.dequant_device),
                                        w2_scale=self._empty(what, (n, h), f32, self.dequant_device))
+        else:
+            stacks = dataclasses.replace(stacks, first_expert=local.start, layer_experts=cfg.num_experts)
 
         def expert(slot: int, e: int) -> int:
             read = 0
-            for part, t in expert_tensors(cfg, i, e).items():
-                rows = {"w1": slice(0, inter), "w3": slice(inter, 2 * inter), "w2": slice(None)}[part]
-                out = (stacks.w2 if part == "w2" else stacks.w13)[slot, rows]
+            for name, (t, part) in self._expert_parts(i, e).items():
+                rows = {"w1": slice(0, inter), "w3": slice(inter, 2 * inter), "w2": slice(None)}[name]
+                out = (stacks.w2 if name == "w2" else stacks.w13)[slot, rows]
                 if fp8_stacks:
-                    bn = cfg.fp8_block[0]
-                    scales = stacks.w2_scale_inv if part == "w2" else stacks.w13_scale_inv
-                    scale_rows = slice(None) if part == "w2" else slice(rows.start // bn, rows.stop // bn)
-                    read += self._fill(t.name, out) + self._fill(f"{t.module}.weight_scale_inv", scales[slot, scale_rows])
+                    bn, scales = cfg.fp8_block[0], part.blocks(cfg.fp8_block)
+                    scale_stack = stacks.w2_scale_inv if name == "w2" else stacks.w13_scale_inv
+                    scale_rows = slice(None) if name == "w2" else slice(rows.start // bn, rows.stop // bn)
+                    read += self._fill(part.name, out, part.rows.start, part.col_slice)
+                    read += self._fill(scales.name, scale_stack[slot, scale_rows], scales.rows.start, scales.col_slice)
                 elif quantized:
-                    read += self._dequantize_into(t.module, out)
+                    read += self._dequantize_into(part, out)
                 else:
-                    read += self._fill(t.name, out)
+                    read += self._fill(part.name, out, part.rows.start, part.col_slice)
                 if w8a8:
-                    read += self._fill_scale(t.module, (stacks.w2_scale if part == "w2" else stacks.w13_scale)[slot, rows])
+                    scale = (stacks.w2_scale if name == "w2" else stacks.w13_scale)[slot, rows]
+                    read += self._fill_scale(t.module, scale, part.rows.start)
             return read
 
         return stacks, [lambda slot=slot, e=e: expert(slot, e) for slot, e in enumerate(local)]
 
-    def _fp8_stacks(self, what: str, num_experts: int) -> ExpertWeights:
+    def _fp8_stacks(self, what: str, num_experts: int, inter: int) -> ExpertWeights:
         """float8 stacks and their block-scale stacks, on the device (a backend that executes FP8 holds float8).
-        Gate and up rows share one [2I, H] stack, so 2I must split at a block edge."""
+        Gate and up rows share one [2I, H] stack, so I (this rank's slice of it) must split at a block edge."""
         cfg = self.cfg
-        h, inter, (bn, bk) = cfg.hidden_size, cfg.intermediate_size, cfg.fp8_block
-        if inter % bn:
-            raise CheckpointError(f"{what}: intermediate_size {inter} is not a multiple of the FP8 block {bn}, "
-                                  "which FP8 execution needs")
+        h, (bn, bk) = cfg.hidden_size, cfg.fp8_block
+        if inter % bn or inter % bk:
+            raise CheckpointError(f"{what}: intermediate {inter} per rank is not a multiple of the FP8 block "
+                                  f"{bn}x{bk}, which FP8 execution needs")
         f8, f32 = torch.float8_e4m3fn, torch.float32
         return ExpertWeights(
             w13=self._empty(what, (num_experts, 2 * inter, h), f8, self.device),
@@ -287,45 +379,58 @@ class WeightLoader:
         allocate = lambda n: self._empty("a read buffer", (n,), torch.uint8, HOST)  # noqa: E731
         return self._workers.staging(tensor_bytes(shape, dtype), allocate).view(dtype).view(shape)
 
-    def _fill_tasks(self, name: str, out: torch.Tensor) -> list[Callable[[], int]]:
-        """Tasks that fill `out` with tensor `name`, a band of rows each, so a large tensor is read in parallel."""
+    def _fill_tasks(self, part: _Part, out: torch.Tensor) -> list[Callable[[], int]]:
+        """Tasks that fill `out` with `part`, a band of rows each, so a large tensor is read in parallel."""
         rows = out.shape[0]
         band = max(1, STAGING_BYTES // max(1, out[0].numel() * out.element_size()))
-        return [lambda r0=r0: self._fill(name, out[r0:r0 + band], r0) for r0 in range(0, rows, band)]
+        return [lambda r0=r0: self._fill(part.name, out[r0:r0 + band], part.rows.start + r0, part.col_slice)
+                for r0 in range(0, rows, band)]
 
-    def _fill(self, name: str, out: torch.Tensor, first_row: int = 0) -> int:
-        """Read rows first_row.. of tensor `name` into `out`, whatever its dtype, strides or device: straight
-        into it when it is a contiguous host tensor of the stored dtype, else through the staging buffer."""
+    def _fill(self, name: str, out: torch.Tensor, first_row: int = 0, cols: range | None = None) -> int:
+        """Read rows first_row.. (and columns `cols`, else all) of tensor `name` into `out`, whatever its dtype,
+        strides or device: straight into it when it is a contiguous host tensor of the stored dtype, else through
+        the staging buffer."""
         stored = TORCH_DTYPES[self.ckpt.dtype(name)]
         if out.device == HOST and out.dtype == stored and out.is_contiguous():
-            self.ckpt.read_into(name, out, first_row)
+            self.ckpt.read_into(name, out, first_row, cols)
         else:
             staged = self._staged(tuple(out.shape), stored)
-            self.ckpt.read_into(name, staged, first_row)
+            self.ckpt.read_into(name, staged, first_row, cols)
             out.copy_(staged)
         return tensor_bytes(tuple(out.shape), stored)
 
-    def _fill_scale(self, module: str, out: torch.Tensor) -> int:
-        """A W8A8 module's channel scales ([out, 1] as stored) into `out` [out], checked with its offset."""
-        return self._fill(f"{module}.weight_scale", out) + w8a8_weights.check_scale(self.ckpt, module, out)
+    def _fill_scale(self, module: str, out: torch.Tensor, first_row: int) -> int:
+        """A W8A8 module's channel scales ([out, 1] as stored) from first_row into `out`, checked with its
+        offset."""
+        return self._fill(f"{module}.weight_scale", out, first_row) + w8a8_weights.check_scale(self.ckpt, module, out)
 
-    def _dequantize_into(self, module: str, out: torch.Tensor) -> int:
-        """Dequantize FP8 weight `module` into `out` (the model dtype), a band of whole block rows at a time."""
-        name, scale_name, block = f"{module}.weight", f"{module}.weight_scale_inv", self.cfg.fp8_block
-        scale = self.ckpt.read(scale_name).to(out.device)
-        rows, cols = out.shape
-        band = max(1, STAGING_BYTES // (block[0] * cols)) * block[0]
-        for r0 in range(0, rows, band):
-            staged = self._staged((min(band, rows - r0), cols), torch.float8_e4m3fn)
-            self.ckpt.read_into(name, staged, first_row=r0)
-            r1 = r0 + staged.shape[0]
-            dequantize_fp8_block(staged.to(out.device), scale[r0 // block[0]:-(-r1 // block[0])], block, self.dtype,
-                                 out=out[r0:r1])
-        return self.ckpt.nbytes(name) + self.ckpt.nbytes(scale_name)
-
-    def _scale_count(self, shape: tuple[int, ...]) -> int:
-        (bn, bk), (rows, cols) = self.cfg.fp8_block, shape
-        return -(-rows // bn) * -(-cols // bk)
+    def _dequantize_into(self, part: _Part, out: torch.Tensor) -> int:
+        """Dequantize `part` of an FP8 weight into `out` (the model dtype), a band of whole block rows at a time.
+        A part that starts or ends inside a block (a rank's slice, when a dequantized run splits anywhere) is read
+        as the blocks covering it, dequantized a band at a time and cut: exact, and never more than a band beyond
+        the part is held."""
+        block = self.cfg.fp8_block
+        scales, cover = part.blocks(block), part.covered(block)
+        exact = cover == part
+        scale = torch.empty(scales.shape, dtype=torch.float32)
+        self.ckpt.read_into(scales.name, scale, scales.rows.start, scales.col_slice)
+        scale = scale.to(out.device)
+        first, width = cover.rows.start, len(cover.cols)
+        band = max(1, STAGING_BYTES // (block[0] * width)) * block[0]
+        cut_cols = slice(part.cols.start - cover.cols.start, part.cols.stop - cover.cols.start)
+        for r0 in range(first, cover.rows.stop, band):
+            r1 = min(r0 + band, cover.rows.stop)
+            staged = self._staged((r1 - r0, width), torch.float8_e4m3fn)
+            self.ckpt.read_into(part.name, staged, r0, cover.col_slice)
+            band_scales = scale[(r0 - first) // block[0]:-(-(r1 - first) // block[0])]
+            lo, hi = max(r0, part.rows.start), min(r1, part.rows.stop)
+            dest = out[lo - part.rows.start:hi - part.rows.start]
+            if exact:
+                dequantize_fp8_block(staged.to(out.device), band_scales, block, self.dtype, out=dest)
+            else:
+                whole = dequantize_fp8_block(staged.to(out.device), band_scales, block, self.dtype)
+                dest.copy_(whole[lo - r0:hi - r0, cut_cols])
+        return tensor_bytes(cover.shape, torch.float8_e4m3fn) + scale.nbytes
 
     def _prepare_linear(self, what: str, w: LinearWeight) -> object:
         with allocating(what, w.weight.nbytes, self.device, self._advice):

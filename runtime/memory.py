@@ -34,21 +34,43 @@ def host_memory_available() -> int | None:
     """MemAvailable from /proc/meminfo (it counts reclaimable page cache), narrowed by a cgroup v2 memory limit
     when the process runs under one (containers, CI runners); None where neither can be read. Swap is not
     counted: weights paged out to swap would make every step crawl."""
+    available = _meminfo("MemAvailable")
+    if available is None:
+        return None
+    cgroup = _cgroup_memory()
+    if cgroup is not None:
+        limit, used, reclaimable = cgroup
+        available = min(available, max(limit - used + reclaimable, 0))
+    return available
+
+
+def host_memory_total() -> int | None:
+    """MemTotal, narrowed by a cgroup v2 memory limit: the host memory `moerun plan` sizes a CPU run by."""
+    total = _meminfo("MemTotal")
+    cgroup = _cgroup_memory()
+    return total if total is None or cgroup is None else min(total, cgroup[0])
+
+
+def _meminfo(key: str) -> int | None:
     try:
         fields = dict(line.split(":", 1) for line in MEMINFO.read_text(encoding="ascii").splitlines() if ":" in line)
-        available = int(fields["MemAvailable"].split()[0]) * 1024
+        return int(fields[key].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+
+
+def _cgroup_memory() -> tuple[int, int, int] | None:
+    """(limit, used, reclaimable page cache) of this process's cgroup v2 memory limit; None without one."""
     try:
         limit = (CGROUP / "memory.max").read_text(encoding="ascii").strip()
-        if limit != "max":
-            used = int((CGROUP / "memory.current").read_text(encoding="ascii"))
-            stat = dict(line.split() for line in (CGROUP / "memory.stat").read_text(encoding="ascii").splitlines()
-                        if line.strip())
-            available = min(available, max(int(limit) - used + int(stat.get("inactive_file", 0)), 0))
+        if limit == "max":
+            return None
+        used = int((CGROUP / "memory.current").read_text(encoding="ascii"))
+        stat = dict(line.split() for line in (CGROUP / "memory.stat").read_text(encoding="ascii").splitlines()
+                    if line.strip())
+        return int(limit), used, int(stat.get("inactive_file", 0))
     except (OSError, ValueError):
-        pass
-    return available
+        return None
 
 
 def memory_free(backend: Backend) -> int | None:
@@ -60,9 +82,13 @@ def memory_free(backend: Backend) -> int | None:
 
 
 def check_fits(what: str, nbytes: int, backend: Backend, advice: str) -> None:
-    free = memory_free(backend)
+    fits_in(what, nbytes, memory_free(backend), backend.device, advice)
+
+
+def fits_in(what: str, nbytes: int, free: int | None, device: torch.device, advice: str) -> None:
+    """Refuse `what` (nbytes) when it is more than `free` (None: not known, so not refused)."""
     if free is not None and nbytes > free:
-        raise ResourceError(f"not enough memory: {what} need {format_bytes(nbytes)} on {backend.device}, "
+        raise ResourceError(f"not enough memory: {what} need {format_bytes(nbytes)} on {device}, "
                             f"{format_bytes(free)} free; {advice}")
 
 

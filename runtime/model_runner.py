@@ -3,7 +3,8 @@ inputs -> forward -> logits -> sampled tokens.
 
 `execute` is three stages so that multi-device execution changes one place: `prepare` (rank 0: the scheduler's
 decision as packed step inputs), `forward` (every rank: the graph over its shard), `collect` (rank 0: sampling
-and logprobs). Rank 0 will broadcast the StepInputs tensors between the first two.
+and logprobs). On several ranks rank 0 broadcasts the step's host values between the first two
+(runtime/step_broadcast.py), and every other rank runs `serve_steps`: the same step, rebuilt from them, forward.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from moerun.backends.base import Backend, ModelSpec, get_backend_class
-from moerun.backends.errors import ConfigError
+from moerun.runtime import step_broadcast
 from moerun.runtime.checkpoint import Checkpoint
 from moerun.runtime.kv_cache import allocate_kv_caches
-from moerun.runtime.limits import check_memory
+from moerun.runtime.launch import place
+from moerun.runtime.limits import check_kv_blocks, check_memory, kv_blocks_that_fit, max_model_len
 from moerun.runtime.loader import WeightLoader
+from moerun.runtime.memory import memory_free
 from moerun.runtime.model import MiniMaxM2Model
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.request import LogprobEntry, Request
@@ -50,47 +52,75 @@ class _RowPlan:
     prompt: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)  # (index, first row, count, first position)
 
 
-def build_backend(run: RunConfig, cfg: ModelConfig, num_layers: int, block_size: int) -> Backend:
-    """The run's backend, built (no weights yet), once it has accepted the model: a model its kernels cannot run is
-    refused now, not at the first request."""
-    backend = get_backend_class(run.backend)(run.backend_options, run.dtype)
-    backend.check_model(ModelSpec(
-        hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
-        intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, dtype=run.dtype,
-        kv_block_size=block_size, fp8_block=cfg.fp8_block))
-    if num_layers > cfg.num_layers:
-        raise ConfigError(f"model.num_layers: {num_layers} is more than the checkpoint's {cfg.num_layers} layers")
-    return backend
-
-
 class ModelRunner:
     def __init__(self, run: RunConfig, folder: Path, config: ModelConfig, num_layers: int, block_size: int,
-                 max_model_len: int, sample_vocab_size: int, progress: Callable[[int, int], None] | None = None) -> None:
+                 sample_vocab_size: int, progress: Callable[[int, int], None] | None = None) -> None:
         self.config = cfg = config
-        self.backend = backend = build_backend(run, cfg, num_layers, block_size)
+        placement = place(run, cfg, num_layers, block_size)
+        self.backend = backend = placement.backend
+        self.plan = plan = placement.plan
+        self.comm = placement.comm
         self.block_size = block_size
-        loader = WeightLoader(Checkpoint(folder), cfg, backend)
-        check_memory(backend, cfg, num_layers, run.kv_num_blocks, block_size, loader.weight_bytes(num_layers))
-        weights = loader.load(num_layers, progress)
-        self.model = MiniMaxM2Model(cfg, weights, backend)
-        self.kv_caches = allocate_kv_caches(backend, num_layers, run.kv_num_blocks, block_size, cfg.num_kv_heads,
-                                            cfg.head_dim)
+        loader = WeightLoader(Checkpoint(folder), cfg, backend, plan)
+        weights = loader.weight_bytes(num_layers)  # this rank's share
+        free = memory_free(backend)  # one reading, before loading: the cache is sized from it and checked against it
+        self.num_blocks = run.kv_num_blocks or self._blocks_that_fit(run, num_layers, weights, free)
+        check_memory(run, backend, cfg, plan, num_layers, self.num_blocks, block_size, weights, free)
+        # A scheduler.max_model_len the cache cannot hold is refused here, before loading.
+        self.max_model_len = max_model_len(run, cfg.max_position_embeddings, self.num_blocks * block_size)
+        self.model = MiniMaxM2Model(cfg, loader.load(num_layers, progress), backend, self.comm, plan)
+        self.bytes_read = loader.bytes_read  # of the checkpoint, by this rank
+        self.kv_caches = allocate_kv_caches(backend, num_layers, self.num_blocks, block_size,
+                                            len(plan.local_kv_heads(cfg.num_kv_heads)), cfg.head_dim)
         sched = run.scheduler
-        max_blocks_per_seq = -(-max_model_len // block_size)
+        max_blocks_per_seq = -(-self.max_model_len // block_size)
         self.builder = StepBuilder(backend.device, block_size, sched.max_num_batched_tokens, sched.max_num_seqs,
                                    max_blocks_per_seq)
-        # Decode steps may be replayed as device graphs; other steps run the graph eagerly.
-        self._decode_forward = backend.decode_runner(self.model.forward, max_num_seqs=sched.max_num_seqs,
-                                                     max_blocks_per_seq=max_blocks_per_seq)
+        # Decode steps may be replayed as device graphs (on one rank: collectives inside a captured graph are not
+        # built yet); other steps run the graph eagerly.
+        self._decode_forward = self.model.forward if self.comm.world.size > 1 else backend.decode_runner(
+            self.model.forward, max_num_seqs=sched.max_num_seqs, max_blocks_per_seq=max_blocks_per_seq)
         self.sample_vocab_size = sample_vocab_size
         self.sampler = Sampler(sample_vocab_size, backend.device, sched.max_num_seqs)
+
+    def _blocks_that_fit(self, run: RunConfig, num_layers: int, weights: int, free: int | None) -> int:
+        """kv_cache.num_blocks unset: limits.kv_blocks_that_fit on each rank, the smallest taken (the ranks must all
+        hold the same blocks), refused below one block on every rank alike."""
+        mine = kv_blocks_that_fit(run, self.config, self.plan, self.backend, num_layers, self.block_size, weights, free)
+        blocks = int(self.comm.host.all_gather(torch.tensor([mine])).min())
+        check_kv_blocks(run, self.backend, blocks, weights, free)
+        return blocks
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest], observe: Observe | None = None) -> list[StepResult]:
         inputs, plan = self.prepare(scheduled)
+        if self.comm.world.size > 1:
+            step_broadcast.send(self.comm.host, step_broadcast.StepMessage(
+                step_broadcast.STEP, self.builder.host_fields(inputs), inputs.meta.block_tables.shape[1]))
         logits = self.forward(inputs, observe)
         return self.collect(scheduled, plan, logits)
+
+    @torch.inference_mode()
+    def serve_steps(self) -> None:
+        """Every rank but 0: run each step rank 0 sends, until it says stop."""
+        while True:
+            message = step_broadcast.receive(self.comm.host)
+            if message.kind == step_broadcast.STOP:
+                return
+            if message.kind == step_broadcast.STEP:
+                self.forward(self.builder.load(message.fields, message.block_table_width))
+
+    def keepalive(self) -> None:
+        """Rank 0, idle: reassure the other ranks, whose wait for the next step is bounded by the timeout."""
+        if self.comm.world.size > 1:
+            step_broadcast.send(self.comm.host, step_broadcast.StepMessage(step_broadcast.KEEPALIVE))
+
+    def close(self) -> None:
+        """Rank 0 tells the other ranks the run is over; every rank leaves the world it joined."""
+        if self.comm.world.size > 1:
+            if self.comm.is_first:
+                step_broadcast.send(self.comm.host, step_broadcast.StepMessage(step_broadcast.STOP))
+            self.comm.close()
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> tuple[StepInputs, _RowPlan]:
         plan = _RowPlan()

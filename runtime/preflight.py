@@ -10,10 +10,10 @@ from moerun.backends.base import get_backend_class
 from moerun.backends.errors import MoerunError
 from moerun.runtime.checkpoint import Checkpoint
 from moerun.runtime.engine import resolve_model_folder
+from moerun.runtime.launch import build_backend
 from moerun.runtime.limits import RequestLimits
 from moerun.runtime.loader import validate_checkpoint
 from moerun.runtime.model_config import ModelConfig, load_model_config
-from moerun.runtime.model_runner import build_backend
 from moerun.runtime.run_config import RunConfig
 from moerun.runtime.shard_plan import ShardPlan
 from moerun.runtime.w8a8_weights import check_loadable

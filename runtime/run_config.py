@@ -8,12 +8,14 @@
       num_layers: null           # load only the first N decoder layers (smoke tests of huge checkpoints)
     kv_cache:
       block_size: null           # null: the backend's default
-      num_blocks: 512
+      num_blocks: null           # null: as many as fit in memory_fraction of the free memory
+      memory_fraction: 0.9       # of device memory for weights, reserve and KV (sizing, moerun plan)
     scheduler:
       max_num_seqs: 256          # requests in flight at once
       max_num_batched_tokens: 2048   # tokens per forward step (decodes + prefill chunks)
       max_model_len: null        # null: the checkpoint's max_position_embeddings
       enable_prefix_caching: true
+    parallel: {tensor_parallel_size: 1}   # multi-device layout (runtime/parallel_config.py)
     cpu: {threads: 0}            # each backend's own section, validated by that backend
 
 Every unknown key, wrong type or value raises ConfigError naming the key path and what is allowed. The file
@@ -33,6 +35,7 @@ from moerun.backends.base import DTYPES, backend_names, get_backend_class
 from moerun.backends.errors import ConfigError, key_name, shown
 from moerun.runtime.files import KiB, decode_utf8, read_bytes
 from moerun.runtime.model_config import MAX_LAYERS
+from moerun.runtime.parallel_config import ParallelConfig
 
 BUILTIN_DEMO = "builtin:demo"  # the trained demo model shipped in the package (runtime/trained_demo.py)
 BUILTIN_RANDOM_DEMO = "builtin:random-demo"  # random weights in the same layout, built into the cache (runtime/demo.py)
@@ -41,13 +44,16 @@ BUILTINS = (BUILTIN_DEMO, BUILTIN_RANDOM_DEMO)
 MAX_CONFIG_BYTES = 64 * KiB  # a run config is a few hundred bytes
 MAX_YAML_DEPTH = 16
 MAX_KV_BLOCKS = 1 << 24  # 268M tokens at block 16: beyond any device's memory, below any integer overflow
+MAX_RANKS = 1 << 12  # parallel sizes: beyond any deployment of this model
+MAX_TIMEOUT_S = 86400.0  # parallel.init_timeout_s: a day
 
-_TOP_KEYS = {"backend", "model", "kv_cache", "scheduler"}
+_TOP_KEYS = {"backend", "model", "kv_cache", "scheduler", "parallel"}
 _MODEL_KEYS = {"path": str, "dtype": str, "num_layers": int}
-_KV_KEYS = {"block_size": int, "num_blocks": int}
+_KV_KEYS = {"block_size": int, "num_blocks": int, "memory_fraction": float}
 _SCHEDULER_KEYS = {"max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int,
                    "enable_prefix_caching": bool}
 _SCHEDULER_RANGES = {"max_num_seqs": 1 << 16, "max_num_batched_tokens": 1 << 24, "max_model_len": 1 << 24}
+_PARALLEL_KEYS = {"tensor_parallel_size": int, "expert_parallel_size": int, "init_timeout_s": float}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +71,12 @@ class RunConfig:
     dtype: torch.dtype
     num_layers: int | None
     kv_block_size: int | None
-    kv_num_blocks: int
+    kv_num_blocks: int | None  # None: as many as fit (kv_cache.memory_fraction)
     backend_options: dict[str, Any]  # the chosen backend's section, validated, defaults filled
     source: str  # where the config came from, for messages
     scheduler: SchedulerConfig = SchedulerConfig()
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    kv_memory_fraction: float = 0.9  # of a device's memory, for weights + reserve + KV cache (capacity.py)
 
     @property
     def dtype_name(self) -> str:
@@ -165,13 +173,21 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
     if block_size is not None and block_size not in backend_cls.capabilities.kv_block_sizes:
         allowed = ", ".join(map(str, backend_cls.capabilities.kv_block_sizes))
         raise ConfigError(f"{source}: kv_cache.block_size: {shown(block_size)} is not supported by backend {backend} (allowed: {allowed})")
-    num_blocks = kv.get("num_blocks", 512)
-    _check_range(num_blocks, 1, MAX_KV_BLOCKS, "kv_cache.num_blocks", source)
+    num_blocks = kv.get("num_blocks")  # None: sized from the free memory when the engine is built
+    if num_blocks is not None:
+        _check_range(num_blocks, 1, MAX_KV_BLOCKS, "kv_cache.num_blocks", source)
+    memory_fraction = kv.get("memory_fraction", 0.9)
+    _check_positive(memory_fraction, 1.0, "kv_cache.memory_fraction", source)
 
     scheduler = SchedulerConfig(**_section(raw, "scheduler", _SCHEDULER_KEYS, source, required=False))
     for key, most in _SCHEDULER_RANGES.items():  # buffers of these sizes are allocated at start
         if getattr(scheduler, key) is not None:
             _check_range(getattr(scheduler, key), 1, most, f"scheduler.{key}", source)
+    parallel = ParallelConfig(**_section(raw, "parallel", _PARALLEL_KEYS, source, required=False))
+    for key in ("tensor_parallel_size", "expert_parallel_size"):
+        if getattr(parallel, key) is not None:
+            _check_range(getattr(parallel, key), 1, MAX_RANKS, f"parallel.{key}", source)
+    _check_positive(parallel.init_timeout_s, MAX_TIMEOUT_S, "parallel.init_timeout_s", source)
 
     dtype = DTYPES[dtype_name]
     if dtype not in backend_cls.capabilities.dtypes:
@@ -191,12 +207,17 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
 
     return RunConfig(backend=backend, model_path=model_path, dtype=dtype, num_layers=num_layers,
                      kv_block_size=block_size, kv_num_blocks=num_blocks, backend_options=options, source=source,
-                     scheduler=scheduler)
+                     scheduler=scheduler, parallel=parallel, kv_memory_fraction=memory_fraction)
 
 
 def _check_range(value: int, lo: int, hi: int, key: str, source: str) -> None:
     if not lo <= value <= hi:
         raise ConfigError(f"{source}: {key}: {shown(value)} is out of range (allowed: {lo}..{hi})")
+
+
+def _check_positive(value: float, most: float, key: str, source: str) -> None:
+    if not 0 < value <= most:  # NaN fails too
+        raise ConfigError(f"{source}: {key}: {shown(value)} is out of range (allowed: more than 0, at most {most:g})")
 
 
 def _mapping(value: Any, key: str, source: str) -> dict:
@@ -215,6 +236,7 @@ def _section(raw: dict, key: str, schema: dict[str, type], source: str, required
         if k not in schema:
             raise ConfigError(f"{source}: {key}.{key_name(k)}: unknown key (allowed: {', '.join(schema)})")
         kind = schema[k]
-        if v is not None and (not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool)):
+        kinds = (int, float) if kind is float else kind  # `1` in YAML is an int, and a fine fraction or timeout
+        if v is not None and (not isinstance(v, kinds) or (isinstance(v, bool) and kind is not bool)):
             raise ConfigError(f"{source}: {key}.{k}: expected {kind.__name__}, got {shown(v)}")
     return {k: v for k, v in section.items() if v is not None}

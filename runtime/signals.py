@@ -1,7 +1,7 @@
 """How the moerun program answers Ctrl-C (SIGINT) and SIGTERM: one line, exit code 130 or 143, never a traceback.
 
-runtime/__main__.py installs the handler first thing (this module imports only the standard library). A signal
-then either ends the process at once or unwinds it:
+The package's __main__.py (at the repository root) installs the handler first thing (this module imports only the
+standard library). A signal then either ends the process at once or unwinds it:
 - at once, with the line written straight to stderr, before main() runs, after it returns, and while a command
   module is imported: nothing is being written then, and torch's C++ start-up calls back into Python, where an
   exception raised by a handler aborts the whole process (`terminate called after throwing ...`);

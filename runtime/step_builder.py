@@ -74,7 +74,27 @@ class StepBuilder:
         v["query_start_loc"][:num_seqs + 1] = starts
         v["seq_lens"][:num_seqs] = seq_lens
         v["logits_rows"][:len(logits_rows)] = logits_rows
+        return self._upload(num_seqs, num_tokens, width, len(logits_rows), query_lens, seq_lens, starts)
 
+    def host_fields(self, inputs: StepInputs) -> dict[str, torch.Tensor]:
+        """The host values of a built step, by name: what rank 0 sends the other ranks (runtime/step_broadcast)."""
+        num_seqs, width = inputs.meta.block_tables.shape
+        sizes = {"input_ids": inputs.input_ids.numel(), "positions": inputs.input_ids.numel(),
+                 "slot_mapping": inputs.input_ids.numel(), "logits_rows": inputs.logits_rows.numel(),
+                 "query_start_loc": num_seqs + 1, "seq_lens": num_seqs, "block_tables": num_seqs * width}
+        return {name: self.buffers[name].host[:n] for name, n in sizes.items()}
+
+    def load(self, fields: dict[str, torch.Tensor], width: int) -> StepInputs:
+        """The step rank 0 built, from the host values it sent, on this rank's device."""
+        for name, values in fields.items():
+            self.buffers[name].np[:values.numel()] = values.numpy()
+        num_seqs, num_tokens = fields["seq_lens"].numel(), fields["input_ids"].numel()
+        starts, seq_lens = fields["query_start_loc"].tolist(), fields["seq_lens"].tolist()
+        query_lens = [b - a for a, b in zip(starts, starts[1:])]
+        return self._upload(num_seqs, num_tokens, width, fields["logits_rows"].numel(), query_lens, seq_lens, starts)
+
+    def _upload(self, num_seqs: int, num_tokens: int, width: int, num_rows: int, query_lens: list[int],
+                seq_lens: list[int], starts: list[int]) -> StepInputs:
         def upload(name: str, n: int) -> torch.Tensor:
             return self.buffers[name].upload(n)
 
@@ -82,6 +102,6 @@ class StepBuilder:
             query_start_loc=upload("query_start_loc", num_seqs + 1), seq_lens=upload("seq_lens", num_seqs),
             block_tables=upload("block_tables", num_seqs * width).view(num_seqs, width),
             slot_mapping=upload("slot_mapping", num_tokens), query_lens_host=query_lens, seq_lens_host=seq_lens,
-            block_size=bs, query_start_loc_host=starts)
+            block_size=self.block_size, query_start_loc_host=starts)
         return StepInputs(input_ids=upload("input_ids", num_tokens), positions=upload("positions", num_tokens),
-                          meta=meta, logits_rows=upload("logits_rows", len(logits_rows)))
+                          meta=meta, logits_rows=upload("logits_rows", num_rows))

@@ -97,7 +97,7 @@ def moerun_command(checkpoint: Path, work: Path, port: int) -> list[str]:
         "backend": "cpu", "model": {"path": str(checkpoint), "dtype": "float32"},
         "kv_cache": {"block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS},
         "scheduler": {"max_num_seqs": 64, "max_num_batched_tokens": MAX_BATCH_TOKENS}}))
-    return [sys.executable, "-m", "moerun.runtime", "serve", "-c", str(config), "--port", str(port),
+    return [sys.executable, "-m", "moerun", "serve", "-c", str(config), "--port", str(port),
             "--no-access-log", "--log-level", "warning"]
 
 
@@ -156,7 +156,7 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: floa
 
 
 def run_level(server: str, endpoint: str, checkpoint: Path, level: int, requests: int, args, out: Path) -> dict:
-    command = [sys.executable, "-m", "moerun.runtime", "bench", "serve", "--endpoint", endpoint,
+    command = [sys.executable, "-m", "moerun", "bench", "serve", "--endpoint", endpoint,
                "--concurrency", str(level), "--num-requests", str(requests), "--input-len", str(args.input_len),
                "--output-len", str(args.output_len), "--warmup", "1", "--seed", str(SEED), "--out", str(out),
                *bench_flags(server, checkpoint, args.output_len)]

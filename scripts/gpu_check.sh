@@ -32,7 +32,7 @@ OUT=$(cd "$OUT" && pwd)
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
 mkdir -p "$SCRATCH/moerun"
-for pkg in runtime backends configs; do ln -s "$ROOT/$pkg" "$SCRATCH/moerun/$pkg"; done
+for pkg in runtime backends configs __main__.py; do ln -s "$ROOT/$pkg" "$SCRATCH/moerun/$pkg"; done
 export PYTHONPATH="$SCRATCH${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 cd "$ROOT" || exit 2
@@ -66,13 +66,13 @@ step() {
 if [ "$DRY" = 1 ]; then
     CONFIG="$SCRATCH/cuda_interpreted.yaml"
     printf 'backend: cuda\nmodel: {path: "builtin:demo", dtype: bfloat16}\nkv_cache: {block_size: 16}\ncuda: {device: cpu}\n' > "$CONFIG"
-    BENCH=(env TRITON_INTERPRET=1 "$PY" -m moerun.runtime bench -c "$CONFIG" --small --layers 1 --context 8 --steps 1 --warmup 0)
+    BENCH=(env TRITON_INTERPRET=1 "$PY" -m moerun bench -c "$CONFIG" --small --layers 1 --context 8 --steps 1 --warmup 0)
     BATCHES=1,2
     PREFILL=(--prefill-tokens 8)
     COMPILED_BATCH=1
 else
     CONFIG="$ROOT/configs/cuda_demo.yaml"
-    BENCH=("$PY" -m moerun.runtime bench -c "$CONFIG" --full --layers 4)
+    BENCH=("$PY" -m moerun bench -c "$CONFIG" --full --layers 4)
     BATCHES=1,8,64
     PREFILL=()
     COMPILED_BATCH=64

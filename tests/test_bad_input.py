@@ -111,10 +111,10 @@ def test_unknown_command_line_option_is_one_line(capsys):
 
 def test_debug_shows_the_traceback(tmp_path, write_yaml):
     cfg = write_yaml(run_yaml(tmp_path / "nowhere"))
-    proc = subprocess.run([sys.executable, "-m", "moerun.runtime", "logits", "-c", str(cfg), "--token-ids", "1",
+    proc = subprocess.run([sys.executable, "-m", "moerun", "logits", "-c", str(cfg), "--token-ids", "1",
                            "--out", str(tmp_path / "o.npy"), "--debug"], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "CheckpointError" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "moerun.runtime", "logits", "-c", str(cfg), "--token-ids", "1",
+    proc = subprocess.run([sys.executable, "-m", "moerun", "logits", "-c", str(cfg), "--token-ids", "1",
                            "--out", str(tmp_path / "o.npy")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [ln for ln in proc.stderr.splitlines() if ln.startswith("moerun: error:")] == [

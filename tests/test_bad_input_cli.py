@@ -161,7 +161,7 @@ def test_other_runtime_errors_are_not_mistaken_for_out_of_memory(demo_yaml, tmp_
 def test_the_group_imports_no_command_before_one_runs():
     """What makes early Ctrl-C and usage errors instant: the entry point and a usage error load neither torch
     nor any subcommand."""
-    code = ("import sys; from moerun.runtime.__main__ import console_main; from moerun.runtime.cli import main; "
+    code = ("import sys; from moerun.__main__ import console_main; from moerun.runtime.cli import main; "
             "assert main(['nope']) == 2; "
             "assert not [m for m in sys.modules if m == 'torch' or m.startswith('moerun.runtime.commands.')], "
             "sorted(sys.modules)")
@@ -185,7 +185,7 @@ def _signal_handlers_installed(pid: int) -> bool:
 def test_signals_from_the_first_moment(sig, after, demo_yaml, tmp_path):
     """From the moment moerun's own code runs (before torch is imported, while it is, while the model loads and
     generates 3000 tokens): one line, 130 or 143, no traceback."""
-    proc = subprocess.Popen([sys.executable, "-m", "moerun.runtime", "generate", "-c", str(demo_yaml), "-p", "hi",
+    proc = subprocess.Popen([sys.executable, "-m", "moerun", "generate", "-c", str(demo_yaml), "-p", "hi",
                              "--max-tokens", "3000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not _signal_handlers_installed(proc.pid) and proc.poll() is None and time.monotonic() < deadline:

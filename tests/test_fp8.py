@@ -78,7 +78,7 @@ def test_fp8_stacks_handed_to_an_fp8_backend_keep_every_block_scale(hf_checkpoin
     them itself at use; if any expert's or gate/up half's scales landed in the wrong slot, logits would move."""
     import dataclasses
 
-    import moerun.runtime.model_runner as model_runner
+    import moerun.runtime.launch as launch
     from hf_checkpoints import hf_logits
     from moerun.backends.cpu.backend import CpuBackend
     from transformers import MiniMaxM2ForCausalLM
@@ -102,7 +102,7 @@ def test_fp8_stacks_handed_to_an_fp8_backend_keep_every_block_scale(hf_checkpoin
 
     folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)
     make_fp8_pair(folder, tmp_path / "fp8", tmp_path / "ref", (16, 16))
-    monkeypatch.setattr(model_runner, "get_backend_class", lambda name: Fp8Backend)
+    monkeypatch.setattr(launch, "get_backend_class", lambda name: Fp8Backend)
     ours = Engine.from_config(write_yaml(run_yaml(tmp_path / "fp8"))).logits(TOKENS)
     ref = hf_logits(MiniMaxM2ForCausalLM.from_pretrained(tmp_path / "ref", dtype=torch.float32), TOKENS)
     assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()

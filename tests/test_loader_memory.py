@@ -83,6 +83,41 @@ def test_peak_rss_of_a_load_stays_within_the_bound(checkpoint, loaded, request, 
     assert growth <= PEAK_OVER_WEIGHTS * m["weights"], f"load grew RSS by {growth / m['weights']:.2f}x the weights"
 
 
+def test_one_ranks_share_loads_within_the_bound_too(wide_fp8, tmp_path):
+    """Rank 0 of two (TP2, each expert's intermediate split in two: row slices, column slices of o_proj and w2 read
+    row by row, FP8 blocks dequantized in place): the same bound over the half it holds."""
+    out = _in_subprocess(f"""
+        import json, pathlib, torch
+        from moerun.backends.cpu.backend import CpuBackend
+        from moerun.runtime.checkpoint import Checkpoint
+        from moerun.runtime.loader import WeightLoader
+        from moerun.runtime.model_config import load_model_config
+        from moerun.runtime.shard_plan import ShardPlan
+        from moerun.runtime.weights import tensors
+
+        def status(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+
+        cfg = load_model_config(pathlib.Path({str(wide_fp8)!r}))
+        loader = WeightLoader(Checkpoint({str(wide_fp8)!r}), cfg, CpuBackend({{"threads": 0, "weights": "model"}},
+                              torch.bfloat16), ShardPlan(world_size=2, rank=0, tp=2, ep=1))
+        torch.empty(1) + 1
+        before = status("VmRSS:")
+        weights = loader.load(cfg.num_layers)
+        storages = {{t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors(weights)}}
+        print(json.dumps({{"before": before, "peak": status("VmHWM:"), "weights": sum(storages.values()),
+                          "read": loader.bytes_read}}))
+        """, tmp_path)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout.splitlines()[-1])
+    on_disk = sum(p.stat().st_size for p in wide_fp8.glob("*.safetensors"))
+    assert 0.25e9 < m["weights"] < 0.4e9 and m["read"] < 0.55 * on_disk  # about half of it, read and held
+    growth = m["peak"] - m["before"]
+    assert growth <= PEAK_OVER_WEIGHTS * m["weights"], f"load grew RSS by {growth / m['weights']:.2f}x the weights"
+
+
 def test_out_of_host_memory_while_allocating_is_one_line(wide_fp8, tmp_path):
     """A real allocation failure: the address space is capped (RLIMIT_AS) after imports, just above what the
     embedding and attention need (and the shards' header mappings), so the expert stack cannot be allocated."""

@@ -141,6 +141,18 @@ def test_a_bad_candidate_is_reported_before_any_engine_is_built(bad, hf_checkpoi
     assert ("999" in err) if bad == "token" else ("cand.yaml" in err or "missing" in err), err
 
 
+def test_under_torchrun_it_is_one_line(hf_checkpoint, write_yaml, capsys, monkeypatch):
+    """Its engines load one after another, which a world of ranks (each engine joins and leaves it) cannot follow."""
+    built = _count_engines(monkeypatch)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)
+    a = write_yaml(run_yaml(folder), "a.yaml")
+    assert main(["parity", "-c", str(a), "-c", str(a), "--token-ids", "1,2,3,4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run it without torchrun" in err[0] and built["count"] == 0
+
+
 def test_one_engine_alive_at_a_time(hf_checkpoint, write_yaml, capsys, monkeypatch):
     built = _count_engines(monkeypatch)
     folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)

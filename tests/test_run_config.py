@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from moerun.backends.errors import ConfigError
+from moerun.runtime.parallel_config import ParallelConfig
 from moerun.runtime.run_config import BUILTIN_DEMO, SchedulerConfig, load_run_config, parse_run_config
 
 
@@ -16,7 +17,7 @@ def test_relative_model_path_resolves_against_the_yaml_folder(tmp_path):
     cfg.write_text("backend: cpu\nmodel:\n  path: ../ckpt\n  dtype: bfloat16\n")
     run = load_run_config(cfg)
     assert run.model_path == str((tmp_path / "ckpt").resolve())
-    assert run.dtype == torch.bfloat16 and run.kv_num_blocks == 512 and run.kv_block_size is None
+    assert run.dtype == torch.bfloat16 and run.kv_num_blocks is None and run.kv_block_size is None
     assert run.backend_options == {"threads": 0, "weights": "model"}
 
 
@@ -25,6 +26,14 @@ def test_builtin_demo_and_defaults():
     assert run.model_path == BUILTIN_DEMO and run.dtype == torch.bfloat16
     assert run.scheduler == SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=None,
                                             enable_prefix_caching=True)
+
+
+def test_parallel_and_kv_sizing_keys():
+    raw = {"backend": "cpu", "model": {"path": "x"}, "kv_cache": {"memory_fraction": 1},
+           "parallel": {"tensor_parallel_size": 2, "expert_parallel_size": None, "init_timeout_s": 30}}
+    run = parse_run_config(raw, Path("."))
+    assert run.kv_memory_fraction == 1 and run.kv_num_blocks is None
+    assert run.parallel == ParallelConfig(tensor_parallel_size=2, expert_parallel_size=None, init_timeout_s=30)
 
 
 def test_scheduler_section():
@@ -49,6 +58,19 @@ def test_scheduler_section():
     ({"backend": "cpu", "model": {"path": "x"}, "scheduler": {"enable_prefix_caching": "yes"}},
      "scheduler.enable_prefix_caching: expected bool"),
     ({"backend": "cpu", "model": {"path": "x"}, "scheduler": {"max_batch": 4}}, "scheduler.max_batch: unknown key"),
+    ({"backend": "cpu", "model": {"path": "x"}, "kv_cache": {"memory_fraction": 1.5}},
+     "kv_cache.memory_fraction: 1.5 is out of range (allowed: more than 0, at most 1)"),
+    ({"backend": "cpu", "model": {"path": "x"}, "kv_cache": {"memory_fraction": float("nan")}},
+     "kv_cache.memory_fraction: nan is out of range"),
+    ({"backend": "cpu", "model": {"path": "x"}, "parallel": {"tensor_parallel_size": 0}},
+     "parallel.tensor_parallel_size: 0 is out of range (allowed: 1..4096)"),
+    ({"backend": "cpu", "model": {"path": "x"}, "parallel": {"expert_parallel_size": "2"}},
+     "parallel.expert_parallel_size: expected int, got '2'"),
+    ({"backend": "cpu", "model": {"path": "x"}, "parallel": {"init_timeout_s": -1}},
+     "parallel.init_timeout_s: -1 is out of range (allowed: more than 0, at most 86400)"),
+    ({"backend": "cpu", "model": {"path": "x"}, "parallel": {"pipeline_parallel_size": 2}},
+     "parallel.pipeline_parallel_size: unknown key"),
+    ({"backend": "cpu", "model": {"path": "x"}, "parallel": [2]}, "parallel: expected a mapping"),
 ])
 def test_errors_name_the_key_path(raw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -56,22 +78,15 @@ def test_errors_name_the_key_path(raw, message):
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# Deployment configs written for multi-device placement (the `parallel:` section and kv_cache.memory_fraction),
-# which this run_config does not read yet: checked below for everything else until that merge (docs/ascend.md).
-AWAITING_PARALLEL = {"m27_a2_w8a8.yaml"}
 
 
 def test_shipped_configs_are_valid():
     for path in sorted(CONFIGS.glob("*.yaml")):
-        if path.name not in AWAITING_PARALLEL:
-            load_run_config(path)
+        load_run_config(path)
 
 
-def test_the_a2_w8a8_config_is_valid_apart_from_its_parallel_keys():
-    raw = yaml.safe_load((CONFIGS / "m27_a2_w8a8.yaml").read_text())
-    parallel, memory_fraction = raw.pop("parallel"), raw["kv_cache"].pop("memory_fraction")
-    run = parse_run_config(raw, CONFIGS, source="m27_a2_w8a8.yaml")
+def test_the_a2_w8a8_config_is_one_a2_node():
+    run = load_run_config(CONFIGS / "m27_a2_w8a8.yaml")
     assert run.backend == "ascend" and run.dtype == torch.bfloat16 and run.kv_block_size == 128
-    assert run.backend_options["emulate"] is False
-    assert parallel == {"tensor_parallel_size": 8, "expert_parallel_size": 8, "init_timeout_s": 1800}  # one A2 node
-    assert 0 < memory_fraction <= 1
+    assert run.backend_options["emulate"] is False and run.kv_num_blocks is None and 0 < run.kv_memory_fraction <= 1
+    assert run.parallel == ParallelConfig(tensor_parallel_size=8, expert_parallel_size=8, init_timeout_s=1800)

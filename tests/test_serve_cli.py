@@ -31,7 +31,7 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 
 def moerun_serve(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "moerun.runtime", "serve", *args], stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "moerun", "serve", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from moerun.backends.ascend import attention, model_limits, moe, npu_ops, rotary, w8a8
 from moerun.backends.base import (
     AttentionMetadata, Backend, Capabilities, ExpertWeights, LinearWeight, ModelSpec, W8A8ExpertWeights,
-    W8A8LinearWeight)
+    W8A8LinearWeight, device_of_local_rank)
 
 
 class AscendBackend(Backend):
@@ -41,6 +41,14 @@ class AscendBackend(Backend):
         self._source = npu_ops.load(bool(options.get("emulate", False)), options.get("device", "npu:0"))
         self._ops = self._source.ops
         self._mask: torch.Tensor | None = None
+
+    @classmethod
+    def options_for_rank(cls, options: dict[str, Any], local_rank: int, world_size: int) -> dict[str, Any]:
+        return {**options, "device": device_of_local_rank(options.get("device", "npu:0"), local_rank)}
+
+    @property
+    def process_group_backend(self) -> str:
+        return "gloo" if self.options.get("emulate") else "hccl"  # hccl is registered by importing torch_npu
 
     @property
     def device(self) -> torch.device:

@@ -33,6 +33,8 @@ class AscendExperts:
 
     w13: torch.Tensor  # [E, H, 2I]: columns 0..I-1 are gate_proj (w1), I..2I-1 up_proj (w3)
     w2: torch.Tensor  # [E, I, H]
+    first_expert: int = 0  # expert parallelism: global id of w13[0]; pairs of experts outside are skipped
+    layer_experts: int = 0  # the layer's experts when these are only some of them, else 0
 
 
 def empty(num_experts: int, hidden: int, inter: int, dtype: torch.dtype, device: torch.device) -> ExpertWeights:
@@ -51,7 +53,8 @@ def prepare(w: ExpertWeights, device: torch.device) -> AscendExperts:
     # transposed views already (contiguous() is free); others are transposed here, on the host, so the device
     # receives one copy in its final layout.
     return AscendExperts(w13=w.w13.transpose(1, 2).contiguous().to(device),
-                         w2=w.w2.transpose(1, 2).contiguous().to(device))
+                         w2=w.w2.transpose(1, 2).contiguous().to(device), first_expert=w.first_expert,
+                         layer_experts=0 if w.holds_all_experts else w.layer_experts)
 
 
 def route(ops: ModuleType, router_logits: torch.Tensor, bias: torch.Tensor,
@@ -66,8 +69,10 @@ def route(ops: ModuleType, router_logits: torch.Tensor, bias: torch.Tensor,
 
 def experts(ops: ModuleType, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
             w: AscendExperts) -> torch.Tensor:
-    """sum_j weights[t, j] * SwiGLU_expert(ids[t, j])(x[t]) -> [T, H] in x's dtype."""
-    routed = dispatch(ops, x, ids, w.w13.shape[0])
+    """sum_j weights[t, j] * SwiGLU_expert(ids[t, j])(x[t]) -> [T, H] in x's dtype, over this rank's experts."""
+    routed = dispatch(ops, x, ids, w.w13.shape[0], first_expert=w.first_expert, layer_experts=w.layer_experts)
+    if routed.rows.shape[0] == 0:  # no token chose this rank's experts (the kernels take no empty inputs)
+        return x.new_zeros(x.shape)
     gate_up = ops.npu_grouped_matmul([routed.rows], [w.w13], group_list=routed.counts, split_item=SINGLE_OUTPUT,
                                      group_type=GROUP_ALONG_M, group_list_type=COUNT)[0]
     hidden = ops.npu_swiglu(gate_up, dim=-1)
@@ -80,24 +85,47 @@ def experts(ops: ModuleType, x: torch.Tensor, weights: torch.Tensor, ids: torch.
 class Routed:
     """Token-expert pairs sorted by expert, as npu_moe_init_routing_v2 returns them."""
 
-    rows: torch.Tensor  # [T*K, H]: the token of each pair, grouped by expert
-    row_of_pair: torch.Tensor  # int32 [T*K]: row of pair (t, j) at t*K + j
+    rows: torch.Tensor  # [T*K, H], or [kept, H] when pairs of other ranks' experts were dropped
+    row_of_pair: torch.Tensor  # int32 [T*K]: row of pair (t, j) at t*K + j; -1 for a dropped pair
     counts: torch.Tensor  # int64 [E]: rows per expert (group_list_type COUNT)
     row_scale: torch.Tensor  # fp32 [T*K]: the per-token scale handed in, carried to each row (else undefined)
+    dropped: bool = False  # some pairs belong to other ranks' experts (expert parallelism)
 
 
 def dispatch(ops: ModuleType, x: torch.Tensor, ids: torch.Tensor, num_experts: int,
-             token_scale: torch.Tensor | None = None) -> Routed:
-    """Sort the T*K pairs by expert. x may be int8 with its per-token scale, which each row then carries."""
+             token_scale: torch.Tensor | None = None, first_expert: int = 0, layer_experts: int = 0) -> Routed:
+    """Sort the T*K pairs by expert. x may be int8 with its per-token scale, which each row then carries.
+
+    Under expert parallelism (layer_experts > 0: the stacks hold some of them) the active range keeps this rank's
+    experts [first_expert, first_expert + num_experts): the kernel sorts the other pairs last and drops them, and
+    the grouped matmuls then run on the kept rows only (their count read back once: a host sync per layer, which
+    all-to-all dispatch (MC2) removes)."""
     num_tokens, top_k = ids.shape
+    partial = layer_experts > 0
     rows, row_of_pair, counts, row_scale = ops.npu_moe_init_routing_v2(
         x.contiguous(), ids.to(torch.int32).contiguous(), scale=token_scale, active_num=num_tokens * top_k,
-        expert_num=num_experts, expert_tokens_num_type=COUNT, expert_tokens_num_flag=True,
-        active_expert_range=[0, num_experts], quant_mode=-1, row_idx_type=GATHER_INDEX)
-    return Routed(rows, row_of_pair, counts.to(torch.int64), row_scale)
+        expert_num=layer_experts if partial else num_experts, expert_tokens_num_type=COUNT,
+        expert_tokens_num_flag=True, active_expert_range=[first_expert, first_expert + num_experts], quant_mode=-1,
+        row_idx_type=GATHER_INDEX)
+    counts = counts.to(torch.int64)
+    if partial:
+        kept = int(counts.sum())
+        rows, row_scale = rows[:kept], row_scale[:kept]
+    return Routed(rows, row_of_pair, counts, row_scale, dropped=partial)
 
 
 def combine(ops: ModuleType, down: torch.Tensor, routed: Routed, weights: torch.Tensor) -> torch.Tensor:
     """Back to token order, weighted over each token's k experts. Probs in the tokens' dtype: the one combination
-    the kernel documents for certain (fp32 tokens keep fp32 weights)."""
-    return ops.npu_moe_token_unpermute(down, routed.row_of_pair, probs=weights.to(down.dtype))
+    the kernel documents for certain (fp32 tokens keep fp32 weights).
+
+    Dropped pairs (other ranks' experts) point at zero rows appended after the kept ones, one each (the kernel
+    takes every pair's row, without repeats), with weight 0: they add exact zeros."""
+    row_of_pair = routed.row_of_pair
+    if routed.dropped:
+        num_pairs = row_of_pair.shape[0]
+        dropped = row_of_pair < 0
+        filler = (down.shape[0] + torch.cumsum(dropped.to(torch.int32), 0) - 1).to(torch.int32)
+        row_of_pair = torch.where(dropped, filler, row_of_pair)
+        down = torch.cat((down, down.new_zeros(num_pairs - down.shape[0], down.shape[1])))
+        weights = weights.masked_fill(dropped.view(weights.shape), 0)
+    return ops.npu_moe_token_unpermute(down, row_of_pair, probs=weights.to(down.dtype))

@@ -89,9 +89,8 @@ class CpuBackend(Backend):
     def experts(self, x, weights, ids, experts):
         if isinstance(experts, W8A8ExpertWeights):
             return w8a8.experts(x, weights, ids, experts)
-        return ops.experts(x, weights, ids, experts.w13, experts.w2)
+        return ops.experts(x, weights, ids, experts.w13, experts.w2, experts.first_expert)
 
 
 def max_threads() -> int:
     return 4 * (os.cpu_count() or 1)
-

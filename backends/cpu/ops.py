@@ -158,14 +158,15 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[
 
 
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
-            w2: torch.Tensor) -> torch.Tensor:
+            w2: torch.Tensor, first_expert: int = 0) -> torch.Tensor:
     """Routed SwiGLU experts: two grouped matmuls (one group per expert, pairs in expert order) run every
-    expert's tokens in one call each, rounding as one linear per expert would. A float64 run, or a stack held
-    narrower than x (cpu `weights: checkpoint`), which torch's grouped matmul takes neither of, runs expert by
-    expert, each expert's weights widened as it runs (the same products)."""
-    inter = w2.shape[-1]
+    expert's tokens in one call each, rounding as one linear per expert would. The stacks hold experts
+    first_expert.. of the layer (expert parallelism); pairs routed to other experts are skipped. A float64 run, or
+    a stack held narrower than x (cpu `weights: checkpoint`), which torch's grouped matmul takes neither of, runs
+    expert by expert, each expert's weights widened as it runs (the same products)."""
+    inter, local_ids = w2.shape[-1], ids - first_expert
     if x.dtype == w13.dtype and x.dtype in _GROUPED_MM_DTYPES:
-        pairs = _ExpertPairs.of(ids, w13.shape[0])
+        pairs = _ExpertPairs.of(local_ids, w13.shape[0])
         gate_up = _grouped_linear(x[pairs.token], w13, pairs.ends)
         y = _grouped_linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2, pairs.ends)
         return pairs.combine(y, weights, x.dtype)
@@ -174,7 +175,7 @@ def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torc
         gate_up = F.linear(x[tokens], w13[expert].to(x.dtype))
         return F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2[expert].to(x.dtype))
 
-    return routed_sum(x, weights, ids, w13.shape[0], expert_out)
+    return routed_sum(x, weights, local_ids, w13.shape[0], expert_out)
 
 
 def routed_sum(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
@@ -183,8 +184,10 @@ def routed_sum(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_ex
     matmul: expert_out(e, tokens) runs expert e on all its tokens at once and returns their outputs."""
     pairs = _ExpertPairs.of(ids, num_experts)
     bounds = [0, *pairs.ends.tolist()]
-    y = torch.cat([expert_out(e, pairs.token[bounds[e]:bounds[e + 1]]) for e in range(num_experts)
-                   if bounds[e + 1] > bounds[e]])
+    outs = [expert_out(e, pairs.token[bounds[e]:bounds[e + 1]]) for e in range(num_experts)
+            if bounds[e + 1] > bounds[e]]
+    # No pairs at all when every token chose experts another rank holds.
+    y = torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
     return pairs.combine(y, weights, x.dtype)
 
 
@@ -199,10 +202,12 @@ class _ExpertPairs:
 
     @classmethod
     def of(cls, ids: torch.Tensor, num_experts: int) -> _ExpertPairs:
+        """Pairs whose id lies outside [0, num_experts) belong to experts another rank holds: left out."""
         num_tokens, top_k = ids.shape
         flat = ids.reshape(-1).long()
-        order = torch.argsort(flat, stable=True)
-        ends = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
+        kept = ((flat >= 0) & (flat < num_experts)).nonzero().squeeze(1)
+        order = kept[torch.argsort(flat[kept], stable=True)]
+        ends = torch.bincount(flat[kept], minlength=num_experts).cumsum(0).to(torch.int32)
         return cls(order, order // top_k, ends, num_tokens)
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moerun.backends.base import AttentionMetadata, Backend, Capabilities, ExpertWeights, LinearWeight, ModelSpec
+from moerun.backends.base import (
+    AttentionMetadata, Backend, Capabilities, ExpertWeights, LinearWeight, ModelSpec, device_of_local_rank)
 from moerun.backends.cpu.ops import dequantize_fp8_block
 from moerun.backends.cuda import device as dev
 from moerun.backends.errors import ConfigError, UnsupportedModelError, shown
@@ -57,6 +58,18 @@ class CudaBackend(Backend):
             raise ConfigError(f"{key_path}.graph_max_batch: {shown(options['graph_max_batch'])} is out of range "
                               f"(allowed: 1..{MAX_GRAPH_BATCH})")
         return options
+
+    @classmethod
+    def options_for_rank(cls, options: dict[str, Any], local_rank: int, world_size: int) -> dict[str, Any]:
+        return {**options, "device": device_of_local_rank(options["device"], local_rank)}
+
+    @classmethod
+    def keeps_fp8(cls, options: dict[str, Any]) -> bool:
+        return options.get("fp8", "auto") != "off"  # every GPU a deployment plans for (sm89+) runs FP8
+
+    @property
+    def process_group_backend(self) -> str:
+        return "nccl" if self._device.type == "cuda" else "gloo"  # gloo under Triton's interpreter
 
     def __init__(self, options: dict[str, Any], dtype: torch.dtype) -> None:
         options = self.validate_options(options, "cuda")
@@ -140,14 +153,16 @@ class CudaBackend(Backend):
 
     def prepare_experts(self, w: ExpertWeights) -> ExpertWeights:
         move = lambda t: t.to(self._device).contiguous()  # noqa: E731
+        shard = {"first_expert": w.first_expert, "layer_experts": w.layer_experts}
         if w.w13_scale_inv is None:
-            return ExpertWeights(w13=move(w.w13), w2=move(w.w2))
+            return ExpertWeights(w13=move(w.w13), w2=move(w.w2), **shard)
         if not self.fp8:
             return ExpertWeights(w13=dequantize_fp8_block(move(w.w13), move(w.w13_scale_inv), w.block, self.dtype),
-                                 w2=dequantize_fp8_block(move(w.w2), move(w.w2_scale_inv), w.block, self.dtype))
+                                 w2=dequantize_fp8_block(move(w.w2), move(w.w2_scale_inv), w.block, self.dtype),
+                                 **shard)
         self.k.fp8.check_block(w.block)
         return ExpertWeights(w13=move(w.w13), w2=move(w.w2), w13_scale_inv=move(w.w13_scale_inv).float(),
-                             w2_scale_inv=move(w.w2_scale_inv).float(), block=tuple(w.block))
+                             w2_scale_inv=move(w.w2_scale_inv).float(), block=tuple(w.block), **shard)
 
     # ---- KV cache ----------------------------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks, block_size, num_kv_heads, head_dim, dtype):
@@ -184,6 +199,12 @@ class CudaBackend(Backend):
         return self.k.routing.route(router_logits, bias, top_k)
 
     def experts(self, x, weights, ids, experts):
+        if not experts.holds_all_experts:
+            # Another rank's pairs run on local expert 0 with weight 0 (exact, and capture-safe: no host sync);
+            # skipping them in the routing kernel, or all-to-all dispatch (DeepEP), is next.
+            local = ids - experts.first_expert
+            foreign = (local < 0) | (local >= experts.w13.shape[0])
+            weights, ids = weights.masked_fill(foreign, 0), local.masked_fill(foreign, 0)
         if (self._grouped_mm and experts.w13_scale_inv is None and x.dtype == torch.bfloat16
                 and ids.numel() >= (GROUPED_MM_MIN_PAIRS if self.options["grouped_mm"] == "auto" else 0)
                 and not self._capturing()):

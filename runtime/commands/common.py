@@ -59,8 +59,13 @@ def load_target(config: str | None) -> Target:
 
 def load_engine(target: Target | RunConfig | str | None, num_layers: int | None = None, label: str = "loading"):
     """Build the engine of a target, a run config or a YAML file (the embedded demo when None), with a progress
-    bar over the checkpoint's bytes."""
+    bar over the checkpoint's bytes.
+
+    Under torchrun only rank 0 goes on with the command (and shows the bar): every other rank runs the steps rank
+    0 sends and then ends here (exit 0). Rank 0 tells them to stop when its command is done, whether it succeeded
+    or not."""
     from moerun.runtime.engine import Engine
+    from moerun.runtime.launch import launch_env
 
     if isinstance(target, Target):
         run = target.run
@@ -68,8 +73,19 @@ def load_engine(target: Target | RunConfig | str | None, num_layers: int | None 
         run = target
     else:
         run = load_run_config(demo_config_path() if target is None else target)
+    first = launch_env().rank == 0
     with contextlib.ExitStack() as stack:
-        return Engine(run, num_layers=num_layers, progress=ByteProgress(stack, f"{label} {run.backend}"))
+        engine = Engine(run, num_layers=num_layers,
+                        progress=ByteProgress(stack, f"{label} {run.backend}") if first else None)
+    if not engine.comm.is_first:
+        engine.run_worker()
+        engine.close()
+        raise SystemExit(0)
+    context = click.get_current_context(silent=True)
+    # On one rank there is nothing to close, and the callback would keep the engine alive until the command ends.
+    if context is not None and engine.comm.world.size > 1:
+        context.call_on_close(engine.close)
+    return engine
 
 
 class FiniteFloat(click.FloatRange):

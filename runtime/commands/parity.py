@@ -50,9 +50,12 @@ def parity(configs, token_ids, prompts, k, epsilon, top1_margin, hp_dtype, max_a
     By default the candidate is judged against the noise floor: a high-precision run HP of the reference's
     checkpoint (cpu backend, float32 or float64) measures how far the reference itself is from exact arithmetic,
     and the candidate passes when it is about as close to HP (docs/fidelity.md)."""
+    from moerun.runtime.launch import launch_env
     from moerun.runtime.preflight import check_configuration
     from moerun.runtime.run_config import load_run_config
 
+    if launch_env().world_size > 1:
+        raise MoerunError("parity loads its configurations one after another on one device: run it without torchrun")
     if len(configs) != 2:
         raise MoerunError(f"-c: parity takes exactly two configs (reference, candidate), got {len(configs)}")
     if bool(token_ids) == (prompts is not None):

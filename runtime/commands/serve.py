@@ -34,15 +34,19 @@ def serve(config, host, port, api_key, served_model_name, reasoning_mode, max_bo
           shutdown_timeout, log_level, access_log):
     """Serve the model over the OpenAI API (chat, completions, models, health, metrics, tokenize)."""
     from moerun.runtime.commands.common import load_engine
+    from moerun.runtime.launch import launch_env
     from moerun.runtime.run_config import BUILTIN_DEMO
     from moerun.runtime.serve import server
     from moerun.runtime.serve.app import AppOptions, create_app
 
-    sock = server.bind(host, port)  # before loading: a port in use fails in a second, not after the weights
+    # Before loading: a port in use fails in a second, not after the weights. Under torchrun rank 0 serves; the
+    # other ranks run its steps inside load_engine and end there.
+    sock = server.bind(host, port) if launch_env().rank == 0 else None
     try:
         engine = load_engine(config)
         name = served_model_name or (DEMO_MODEL_NAME if engine.run.model_path == BUILTIN_DEMO else engine.folder.name)
-        app, _ = create_app(engine, AppOptions(name, api_key, reasoning_mode, max_body_bytes, max_concurrent_requests))
+        app, _ = create_app(engine, AppOptions(name, api_key, reasoning_mode, max_body_bytes, max_concurrent_requests),
+                            engine.keepalive_interval_s)
         url = server.bound_url(sock)
         click.echo(f"moerun serve: {name} on {engine.backend.describe()}, OpenAI API at {url}/v1", err=True)
         if not server.is_loopback(host):
@@ -50,5 +54,6 @@ def serve(config, host, port, api_key, served_model_name, reasoning_mode, max_bo
                        + ("" if api_key else "; no API key is set, so anyone who can reach it can use it"), err=True)
         server.run(app, sock, log_level, access_log, shutdown_timeout)
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
     click.echo("moerun serve: stopped", err=True)

@@ -42,10 +42,11 @@ class AppOptions:
     max_concurrent_requests: int = 0  # generation requests in flight; 0: no cap (the engine queues them)
 
 
-def create_app(engine: Any, options: AppOptions) -> tuple[FastAPI, EngineLoop]:
+def create_app(engine: Any, options: AppOptions,
+               keepalive_every_s: float | None = None) -> tuple[FastAPI, EngineLoop]:
     """The app serving `engine` (Engine's interface), and the loop that runs the engine: the app's lifespan
-    starts and stops it."""
-    engine_loop = EngineLoop(engine)
+    starts and stops it. keepalive_every_s: see EngineLoop (several ranks)."""
+    engine_loop = EngineLoop(engine, keepalive_every_s)
     metrics = ServerMetrics(engine_loop, ROUTES)
     state = ServeState(engine_loop, engine.tokenizer, options.served_model_name, engine.max_model_len,
                        dataclasses.asdict(engine.generation_defaults), metrics, options.reasoning,

@@ -6,6 +6,9 @@ loop in one `call_soon_threadsafe`, where they land in per-request asyncio queue
 touches engine state; what it needs to know (running, waiting, KV blocks) it reads from the snapshot of
 `engine.stats()` the thread publishes after every step.
 
+Under torchrun the other ranks wait for each step with a timeout (parallel.init_timeout_s): an idle engine thread
+calls `engine.keepalive()` every keepalive_every_s so that an idle server is not mistaken for a dead one.
+
 An exception in the engine thread kills the engine for good: `dead` is set, every request in flight (and every
 one still in the inbox) gets EngineDeadError, later submissions are refused at once, and the failure is logged
 in one line. The server stays up and answers `/health` with 503.
@@ -107,8 +110,9 @@ class _Stop:
 
 
 class EngineLoop:
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, keepalive_every_s: float | None = None):
         self._engine = engine
+        self._keepalive_every_s = keepalive_every_s
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | _Stop] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # owned by the engine thread
         self._lock = threading.Lock()  # orders "is it dead?" against submissions
@@ -177,9 +181,12 @@ class EngineLoop:
         """Apply every queued message (waiting for the first one when the engine is idle); False on stop."""
         while True:
             try:
-                message = self._inbox.get(block=wait)
+                message = self._inbox.get(block=wait, timeout=self._keepalive_every_s if wait else None)
             except queue.Empty:
-                return True
+                if not wait:
+                    return True
+                self._engine.keepalive()  # idle for keepalive_every_s: the other ranks hear from rank 0
+                continue
             wait = False
             if isinstance(message, _Stop):
                 return False

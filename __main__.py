@@ -1,6 +1,10 @@
-"""The `moerun` program: the console script and `python -m moerun.runtime` both start here. Signal handling
-comes first (runtime/signals.py), before anything slow is imported; the interpreter's own start-up, before this
-module runs, is the one window where a signal still gets Python's default treatment."""
+"""The `moerun` program: the console script, `python -m moerun` and each rank torchrun starts
+(`torchrun --nproc-per-node N -m moerun serve -c X`) all start here. Signal handling comes first
+(runtime/signals.py), before anything slow is imported; the interpreter's own start-up, before this module runs, is
+the one window where a signal still gets Python's default treatment.
+
+pyproject.toml maps the package `moerun` to the repository root, whose packages are runtime/, backends/ and
+configs/; this file is the one module at that level, so an installed wheel holds it as moerun/__main__.py."""
 
 import signal
 import sys
