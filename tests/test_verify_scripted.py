@@ -97,18 +97,31 @@ def test_a_faithful_server_passes_tools_and_reasoning(tokenizer, manifest):
     assert (tools["triggered"], tools["reference_triggered"], tools["calls"], tools["invalid_calls"]) == (3, 3, 5, [])
     (one, *_) = tools["cases"]
     assert json.loads(one["calls"][0]["arguments"]) == WEATHER_PARIS
-    assert checks["reasoning"]["figures"]["judged"] == ["one-call", "parallel-calls", "two-tools", "arithmetic",
-                                                        "short-answer"]
+    assert tools["partings"] == {} and checks["reasoning"]["figures"]["partings"] == {}
 
 
 BAD_MODEL = [
     ("schema", {**GOOD, "in celsius for the next 3 days": GOOD["in celsius for the next 3 days"].replace(
         '{"days": 3}', '{"days": "three"}')}, "tools", "case one-call: arguments of get_weather break its schema"),
-    ("no parallel call", {**GOOD, "in Paris and in Tokyo": "One call.\n</think>\n\n" + _calls(
-        ("get_weather", {"location": "Paris"}))}, "tools", "case parallel-calls: 1 call(s) where the reference made 2"),
-    ("reasoning only", {**GOOD, "17 × 24": "17 × 24 = 408.\n</think>\n\n"}, "reasoning",
-     "case arithmetic: a reasoning-only answer"),
+    ("no parallel calls", {**GOOD, "in Paris and in Tokyo": "One call.\n</think>\n\n" + _calls(
+        ("get_weather", {"location": "Paris"})), "Tokyo (24h)": "One call.\n</think>\n\n" + _calls(
+        ("get_weather", {"location": "Tokyo"}))}, "tools",
+     "2 of 3 cases decided otherwise than the reference (more than 1 parting at a near-tie): parallel-calls: 1 call(s) "
+     "where the reference made 2 in parallel; two-tools: 1 call(s)"),
+    ("reasoning only", {**GOOD, "17 × 24": "17 × 24 = 408.\n</think>\n\n", "prime number": "13.\n</think>\n\n"},
+     "reasoning", "2 of 5 cases decided otherwise than the reference (more than 1 parting at a near-tie): arithmetic: "
+     "a reasoning-only answer"),
 ]
+
+
+def test_one_case_may_part_from_the_reference(tokenizer, manifest):
+    """A greedy path that parts at a near-tie: one reasoning-only answer, or one tool case answered without a call,
+    is not a failure on its own."""
+    one_off = {**GOOD, "17 × 24": "17 × 24 = 408.\n</think>\n\n", "in Paris and in Tokyo": "Two cities.\n</think>\n\nParis is warmer."}
+    code, checks, table = answers_verify(tokenizer, manifest, one_off)
+    assert code == 0, table
+    assert list(checks["tools"]["figures"]["partings"]) == ["parallel-calls"]
+    assert list(checks["reasoning"]["figures"]["partings"]) == ["arithmetic"]
 
 
 @pytest.mark.parametrize("what,outputs,failing,failure", BAD_MODEL, ids=[b[0] for b in BAD_MODEL])
@@ -122,10 +135,10 @@ BAD_SERVER = [
     ("sorted argument keys", {"rewrite": sort_argument_keys}, "tools",
      "case one-call: call 0 (get_weather): argument keys in the order ['location', 'options', 'options.days', 'unit']"),
     ("no tool-call parser", {"rewrite": calls_left_in_content}, "tools",
-     "called tools differently from the reference in 3 of 3 cases"),
+     "case one-call: the calls left in the content as markup"),
     ("reasoning kept in the content", {"reasoning": "append_think"}, "reasoning",
-     "case one-call: reasoning tags in the content"),
-    ("no reasoning parser", {"reasoning": "off"}, "reasoning", "case one-call: reasoning tags in the content"),
+     "case one-call: reasoning left in the content, tags and all"),
+    ("no reasoning parser", {"reasoning": "off"}, "reasoning", "case one-call: reasoning left in the content"),
 ]
 
 
@@ -154,6 +167,13 @@ def test_an_endpoint_without_the_features_makes_checks_not_possible(fake, manife
     code, checks, table = verify(fake, manifest, "--checks", "logprobs", model=FAKE_MODEL)
     assert code == 0 and table.splitlines()[-1] == "PASS (not possible: logprob fidelity)"
     assert verify(fake, manifest, "--checks", "logprobs", "--strict", model=FAKE_MODEL)[0] == 1
+
+
+def test_the_api_key_is_sent_and_a_refused_one_is_bad_input(tokenizer, manifest, capsys):
+    with served(ScriptedEngine(tokenizer, scripted(GOOD)), api_key="sk-verify") as url:
+        argv = ["verify", "--endpoint", url, "--model", MODEL, "--manifest", str(manifest), "--checks", "tools"]
+        assert "refused the API key (HTTP 401)" in _one_line_error(argv, capsys)
+        assert main(argv + ["--api-key", "sk-verify"]) == 0
 
 
 def _one_line_error(argv: list[str], capsys) -> str:

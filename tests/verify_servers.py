@@ -84,10 +84,10 @@ def engine_for(folder: Path, backend: str = "cpu", dtype: str = "bfloat16") -> E
 
 
 @contextlib.contextmanager
-def served(engine: Any, reasoning: str = "split", rewrite: Rewrite | None = None,
-           refuse_echo: bool = False) -> Iterator[str]:
+def served(engine: Any, reasoning: str = "split", rewrite: Rewrite | None = None, refuse_echo: bool = False,
+           api_key: str | None = None) -> Iterator[str]:
     """The base URL (.../v1) of moerun's app on `engine` while it serves."""
-    app, _ = create_app(engine, AppOptions(MODEL, reasoning=reasoning))
+    app, _ = create_app(engine, AppOptions(MODEL, api_key=api_key, reasoning=reasoning))
     if rewrite is not None or refuse_echo:
         app.middleware("http")(_degrade(rewrite, refuse_echo))
     with serve_in_thread(app, lifespan="on") as url:

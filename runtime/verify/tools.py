@@ -1,13 +1,14 @@
-"""Tool calling, on the manifest's tool cases, against the reference answers:
+"""Tool calling, on the manifest's tool cases, against the reference answers (runtime/verify/answers.py says which
+differences fail at once and which only in more than one case):
 
-- trigger: the endpoint calls a tool where the reference did, and not where it did not (at most one case may
-  decide differently: a faithful endpoint's greedy path can part from the reference's at a near-tie);
+- decisions: the endpoint calls a tool where the reference did and not where it did not, and where the reference
+  made parallel calls it makes as many;
 - validity: every call names an offered tool and its arguments are a JSON object valid under that tool's schema
   (jsonschema), no fewer calls valid than the reference's;
-- parallel calls: where the reference made several calls, the endpoint makes as many;
 - key order: a call's argument keys (nested objects too) in the order the reference's same call wrote them (a
   server that re-serializes arguments with sorted keys changes what the model wrote);
-- no tool-call markup left in the content where the reference's has none (a server without M2's tool-call parser).
+- parsed: where the reference called tools, the calls do not come back as markup in the content (a server without
+  M2's tool-call parser); markup beside parsed calls is the model's own (a decision).
 On a model that never calls a tool (random weights) the reference makes no calls and only the trigger is judged."""
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from typing import Any
 
 import jsonschema
 
-from moerun.runtime.verify.answers import Answer
+from moerun.runtime.verify.answers import Answer, parting_failure
 from moerun.runtime.verify.report import CheckResult
 
 MARKUP = ("<minimax:tool_call>", "<invoke name=")
-ALLOWED_TRIGGER_DIFFERENCES = 1
 
 
 def check_tools(answers: list[Answer] | str) -> CheckResult:
@@ -31,23 +31,24 @@ def check_tools(answers: list[Answer] | str) -> CheckResult:
     tool_answers = [a for a in answers if a.case.kind == "tool"]
     if not tool_answers:
         return CheckResult.not_possible("tools", "the manifest has no tool cases")
-    failures, invalid, cases, differences, reference_invalid = [], [], [], [], 0
+    failures, invalid, cases, partings, reference_invalid = [], [], [], {}, 0
     for answer in tool_answers:
         name, reference, calls = answer.case.name, answer.case.reference["tool_calls"], answer.tool_calls
         problems = [invalid_call(call, answer.case.tools) for call in calls]
         invalid += [f"case {name}: {p}" for p in problems if p]
         reference_invalid += sum(1 for call in reference if invalid_call(call, answer.case.tools))
-        if bool(reference) != bool(calls):
-            differences.append(name)
-        if len(reference) >= 2 and len(calls) < len(reference):
-            failures.append(f"case {name}: {len(calls)} call(s) where the reference made {len(reference)} in parallel")
+        markup = _has_markup(answer.content) and not _has_markup(answer.case.reference["content"])
+        if markup and not calls and reference:
+            failures.append(f"case {name}: the calls left in the content as markup (not parsed into tool_calls)")
+        elif bool(reference) != bool(calls):
+            partings[name] = f"{len(calls)} calls, the reference {len(reference)}"
+        elif len(reference) >= 2 and len(calls) < len(reference):
+            partings[name] = f"{len(calls)} call(s) where the reference made {len(reference)} in parallel"
+        elif markup:  # the calls were parsed: the model wrote more markup into its answer
+            partings[name] = "tool-call markup in the answer"
         failures += [f"case {name}: {p}" for p in _order_problems(calls, reference)]
-        if _has_markup(answer.content) and not _has_markup(answer.case.reference["content"]):
-            failures.append(f"case {name}: tool-call markup left in the content (not parsed into tool_calls)")
         cases.append({"name": name, "calls": calls, "reference_calls": reference, "finish": answer.finish})
-    if len(differences) > ALLOWED_TRIGGER_DIFFERENCES:
-        failures.insert(0, f"called tools differently from the reference in {len(differences)} of "
-                           f"{len(tool_answers)} cases ({', '.join(differences)})")
+    failures = parting_failure(partings, len(tool_answers)) + failures
     if len(invalid) > reference_invalid:  # as many as the reference's are the model's own mistakes
         failures += invalid
     triggered = sum(1 for a in tool_answers if a.tool_calls)
@@ -56,7 +57,7 @@ def check_tools(answers: list[Answer] | str) -> CheckResult:
     summary = (f"{triggered}/{len(tool_answers)} cases called tools (reference {reference_triggered}), "
                f"{calls - len(invalid)}/{calls} calls valid" + ("" if calls else " (no calls to validate)"))
     figures = {"cases": cases, "triggered": triggered, "reference_triggered": reference_triggered,
-               "trigger_differences": differences, "calls": calls, "invalid_calls": invalid,
+               "partings": partings, "calls": calls, "invalid_calls": invalid,
                "reference_invalid_calls": reference_invalid}
     return CheckResult.judged("tools", summary, figures, failures)
 
