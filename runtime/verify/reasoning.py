@@ -25,7 +25,7 @@ def check_reasoning(answers: list[Answer] | str) -> CheckResult:
         tags = _has_tags(answer.content) and not _has_tags(reference["content"])
         if tags and not answer.reasoning and reference["reasoning"]:
             failures.append(f"case {name}: reasoning left in the content, tags and all (not separated)")
-        elif tags:  # reasoning returned apart: the model itself wrote a tag into its answer
+        elif tags:  # the reasoning came back apart (or there was none to split): the model wrote the tag
             partings[name] = "a reasoning tag in the answer"
         elif reference["reasoning"] and not answer.reasoning:
             partings[name] = f"no reasoning returned ({'content only' if answer.content else 'nothing'})"
