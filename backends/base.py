@@ -32,9 +32,8 @@ class Capabilities:
     # True: float8 tensors may be moved to the device and dequantized there (fast); else the loader dequantizes
     # on the host (a device that may not hold float8 tensors at all, e.g. Ascend A2/A3).
     dequantize_on_device: bool = False
-    # True: the backend executes W8A8_DYNAMIC weights itself (int8 weights, activations quantized per token at run
-    # time; prepare_* receive W8A8LinearWeight / W8A8ExpertWeights); else the loader dequantizes them to the model
-    # dtype (W = int8 x scale per output channel).
+    # True: the backend executes W8A8_DYNAMIC weights (int8 weights, activations quantized per token at run time;
+    # prepare_* receive W8A8LinearWeight / W8A8ExpertWeights); else the loader refuses a W8A8 checkpoint.
     w8a8: bool = False
 
 

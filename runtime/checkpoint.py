@@ -27,7 +27,7 @@ from safetensors import safe_open
 from moerun.backends.errors import CheckpointError, key_name, shown
 from moerun.runtime.files import MiB, file_kind, is_dir, read_json_object
 from moerun.runtime.shard_writer import SAFETENSORS_DTYPES
-from moerun.runtime.w8a8_format import INDEX_FILE as W8A8_INDEX_FILE
+from moerun.runtime.w8a8_format import INDEX_FILE as W8A8_INDEX_FILE, Description, is_w8a8_folder, read_description
 
 INDEX_FILE = "model.safetensors.index.json"
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}  # safetensors dtype -> torch dtype
@@ -116,6 +116,8 @@ class Checkpoint:
         self._extents: dict[Path, dict[str, tuple[int, int]]] = {}  # file -> tensor -> (first byte, end byte)
         self.file_of = tensor_locations(((path, self._open(path).keys()) for path in self._files), self.weight_map,
                                         self.index_name)
+        # An msModelSlim W8A8 export says which tensors are int8 (w8a8_format); None for a float or FP8 folder.
+        self.description: Description | None = read_description(self.folder) if is_w8a8_folder(self.folder) else None
 
     def _open(self, path: Path):
         if path not in self._handles:

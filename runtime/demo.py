@@ -1,6 +1,8 @@
-"""The demo checkpoint: a tiny random-weight MiniMax-M2 model, generated on first use into the user cache.
+"""The random demo checkpoint (`builtin:random-demo`): a tiny random-weight MiniMax-M2 model, generated on first
+use into the user cache. (`builtin:demo`, the default, is the trained model shipped in the package:
+runtime/trained_demo.py; it reuses this module's config, tokenizer-config and shard writers.)
 
-It lets `moerun` run end to end with no download, and gives tests a checkpoint in the real M2 layout: the
+It gives tests a checkpoint in the real M2 layout with exact, fixed shapes: the
 config.json fields of the release (legacy `rotary_dim` included), the real tensor names, bf16 weights with an
 fp32 router, two safetensors shards with an index, a byte-level BPE tokenizer.json with the M2 special tokens, and
 a chat template with the M2 framing. Everything is derived from fixed seeds and fixed text, so the same code
@@ -118,10 +120,16 @@ def _build_in_place(root: Path, final: Path) -> Path:
 
 def is_valid_demo(folder: Path) -> bool:
     """True only for a folder whose manifest matches this version and every file's size and hash."""
+    return matches_manifest(folder, DEMO_VERSION, FILES)
+
+
+def matches_manifest(folder: Path, version: str, names: tuple[str, ...]) -> bool:
+    """True only if the folder's manifest has this version, lists exactly `names`, and every file has the size
+    and sha256 it lists."""
     try:
         # Only a regular file is read: a FIFO planted in the cache would block the read forever.
         manifest = json.loads(read_text(folder / MANIFEST, 1 << 20, "demo manifest"))
-        if manifest.get("version") != DEMO_VERSION or set(manifest.get("files", {})) != set(FILES):
+        if manifest.get("version") != version or set(manifest.get("files", {})) != set(names):
             return False
         for name, expected in manifest["files"].items():
             path = folder / name
@@ -158,10 +166,15 @@ def write_demo_checkpoint(folder: Path) -> None:
     _write_json(folder / "config.json", config)
     _write_json(folder / "generation_config.json", _generation_config(ids))
     _write_weights(folder, _weights(parse_model_config(config), tokenizer_vocab=len(ids)))
-    for name in FILES:
+    write_manifest(folder, DEMO_VERSION, FILES)
+
+
+def write_manifest(folder: Path, version: str, names: tuple[str, ...]) -> None:
+    """The manifest goes last: it lists each file's size and sha256, so a folder without it is incomplete."""
+    for name in names:
         os.chmod(folder / name, 0o644)  # safetensors writes owner-only files; make all files alike
-    files = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in FILES}
-    _write_json(folder / MANIFEST, {"version": DEMO_VERSION, "files": files})
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names}
+    _write_json(folder / MANIFEST, {"version": version, "files": files})
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -365,10 +378,10 @@ CHAT_TEMPLATE = r"""{#- moerun demo chat template: MiniMax-M2 framing. -#}
 
 # --- config files ---------------------------------------------------------------------------------------------
 
-def _model_config(ids: dict[str, int], vocab_size: int) -> dict:
+def _model_config(ids: dict[str, int], vocab_size: int, dims: dict[str, int] = DIMS) -> dict:
     """config.json as the M2 release writes it, at toy size: the legacy `rotary_dim` *and* rope_parameters
     (newer transformers), the MTP fields of a release without MTP weights, and M2's routing fields."""
-    d = DIMS
+    d = dims
     return {
         "architectures": ["MiniMaxM2ForCausalLM"],
         "attention_dropout": 0.0,
@@ -447,11 +460,10 @@ def _weights(cfg: ModelConfig, tokenizer_vocab: int) -> dict[str, torch.Tensor]:
     return {t.name: make(t) for t in all_tensors(cfg, cfg.num_layers)}
 
 
-def _write_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _write_weights(folder: Path, tensors: dict[str, torch.Tensor], layers: int = DIMS["num_hidden_layers"]) -> None:
     """Split by layer into SHARDS files plus model.safetensors.index.json, like the multi-file release."""
     from safetensors.torch import save_file
 
-    layers = DIMS["num_hidden_layers"]
     per_shard = -(-layers // SHARDS)
 
     def shard_of(name: str) -> int:

@@ -25,7 +25,7 @@ from moerun.runtime.limits import max_model_len
 from moerun.runtime.model_config import load_model_config
 from moerun.runtime.model_runner import ModelRunner, Observe
 from moerun.runtime.request import Request, RequestOutput
-from moerun.runtime.run_config import BUILTIN_DEMO, RunConfig, load_run_config
+from moerun.runtime.run_config import BUILTIN_DEMO, BUILTIN_RANDOM_DEMO, RunConfig, load_run_config
 from moerun.runtime.sampling_params import GenerationDefaults, RequestError, SamplingParams
 from moerun.runtime.scheduler import Scheduler
 from moerun.runtime.stopping import append_token, text_to_report
@@ -34,6 +34,10 @@ from moerun.runtime.tokenizer import Tokenizer, read_optional_json
 
 def resolve_model_folder(model_path: str) -> Path:
     if model_path == BUILTIN_DEMO:
+        from moerun.runtime.trained_demo import trained_demo_folder
+
+        return trained_demo_folder()
+    if model_path == BUILTIN_RANDOM_DEMO:
         from moerun.runtime.demo import ensure_demo_checkpoint
 
         return ensure_demo_checkpoint()

@@ -3,7 +3,9 @@
 Strict: the checkpoint must hold exactly the tensors the config implies (layers beyond num_hidden_layers, the
 unpublished MTP modules, are ignored), each of the right shape and dtype; any difference is an error naming the
 tensor and the file. FP8 block weights are dequantized into the model dtype unless the backend executes FP8
-itself, in which case it receives the float8 weight and its block scales.
+itself, in which case it receives the float8 weight and its block scales. An msModelSlim W8A8 folder (its
+quant_model_description.json) loads its W8A8_DYNAMIC modules as int8 with their channel scales, for a backend that
+executes W8A8 (w8a8_weights); what its description marks FLOAT loads like any float tensor.
 
 Within memory: each tensor is allocated once in its final dtype (and, for experts, in the backend's layout), then
 filled: by a plain read straight into it when the stored bytes need no conversion, else a band of rows at a time
@@ -20,9 +22,10 @@ from collections.abc import Callable
 
 import torch
 
-from moerun.backends.base import Backend, ExpertWeights, LinearWeight
+from moerun.backends.base import Backend, ExpertWeights, LinearWeight, W8A8ExpertWeights, W8A8LinearWeight
 from moerun.backends.cpu.ops import dequantize_fp8_block
 from moerun.backends.errors import CheckpointError
+from moerun.runtime import w8a8_format, w8a8_weights
 from moerun.runtime.checkpoint import TORCH_DTYPES, Checkpoint
 from moerun.runtime.load_workers import STAGING_BYTES, load_workers
 from moerun.runtime.m2_tensors import (LINEAR, ROUTER, ROUTER_BIAS, M2Tensor, all_tensors, expert_tensors,
@@ -30,7 +33,7 @@ from moerun.runtime.m2_tensors import (LINEAR, ROUTER, ROUTER_BIAS, M2Tensor, al
 from moerun.runtime.memory import allocating, check_fits, count, format_bytes, tensor_bytes
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.shard_plan import ShardPlan
-from moerun.runtime.weights import LayerWeights, ModelWeights
+from moerun.runtime.weights import LayerWeights, ModelWeights, tensors
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some exporters save; recomputed, never read
@@ -50,8 +53,10 @@ def _fp8(cfg: ModelConfig, t: M2Tensor) -> bool:
     return t.kind == LINEAR and is_quantized(cfg, t.module)
 
 
-def expected_tensors(cfg: ModelConfig, num_layers: int) -> dict[str, tuple[tuple[int, ...], str | None]]:
-    """name -> (shape, required safetensors dtype or None for 'any float')."""
+def expected_tensors(cfg: ModelConfig, num_layers: int,
+                     description: w8a8_format.Description | None = None) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """name -> (shape, required safetensors dtype or None for 'any float'); a W8A8 checkpoint's when given its
+    description (w8a8_format.expected_tensors: int8 weights with their scales and offsets)."""
     out: dict[str, tuple[tuple[int, ...], str | None]] = {}
     for t in all_tensors(cfg, num_layers):
         if _fp8(cfg, t):
@@ -60,11 +65,13 @@ def expected_tensors(cfg: ModelConfig, num_layers: int) -> dict[str, tuple[tuple
             out[f"{t.module}.weight_scale_inv"] = ((-(-rows // bn), -(-cols // bk)), "F32")
         else:
             out[t.name] = (t.shape, None)
-    return out
+    return out if description is None else w8a8_format.expected_tensors(out, description)
 
 
 def validate_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, num_layers: int) -> None:
-    expected = expected_tensors(cfg, num_layers)
+    expected = expected_tensors(cfg, num_layers, ckpt.description)
+    if ckpt.description is not None:
+        w8a8_format.check_description_matches(ckpt.description, ckpt.file_of)
     problems = []
     for name in sorted(ckpt.names()):
         m = _LAYER.match(name)
@@ -108,6 +115,10 @@ class WeightLoader:
         # float64 run.
         self.router_dtype = torch.promote_types(self.dtype, torch.float32)
         self._advice = FEWER_LAYERS
+        # An msModelSlim W8A8 checkpoint: the modules its description marks W8A8_DYNAMIC load as int8 + scales.
+        self.description = ckpt.description
+        if self.description is not None:
+            w8a8_weights.check_loadable(backend, self.plan)
 
     def load(self, num_layers: int, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
         """progress(bytes_read, bytes_total) of the checkpoint, as tensors are read."""
@@ -116,7 +127,7 @@ class WeightLoader:
         need = self.weight_bytes(num_layers)
         check_fits(weights, need, self.backend, FEWER_LAYERS)
         self._advice = f"{weights} need {format_bytes(need)} in all: {FEWER_LAYERS}"
-        total = sum(self.ckpt.nbytes(name) for name in expected_tensors(self.cfg, num_layers))
+        total = sum(self.ckpt.nbytes(name) for name in expected_tensors(self.cfg, num_layers, self.description))
         read = 0
 
         def done(nbytes: int) -> None:
@@ -135,23 +146,30 @@ class WeightLoader:
         return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
     def weight_bytes(self, num_layers: int) -> int:
-        """Bytes of the loaded weights on the backend's device: the model dtype, fp32 for the router, and float8
-        plus block scales for FP8 weights a backend executes itself."""
+        """Bytes of the loaded weights on the backend's device: the model dtype, fp32 for the router, float8
+        plus block scales for FP8 weights a backend executes itself, int8 plus channel scales for W8A8 ones."""
         total = 0
         for t in all_tensors(self.cfg, num_layers):
-            if _fp8(self.cfg, t) and self.keep_fp8:
+            if self._w8a8(t):
+                total += w8a8_weights.held_bytes(t.shape)
+            elif _fp8(self.cfg, t) and self.keep_fp8:
                 total += tensor_bytes(t.shape, torch.float8_e4m3fn) + 4 * self._scale_count(t.shape)
             else:
                 total += tensor_bytes(t.shape, self._float_dtype(t))
         return total
+
+    def _w8a8(self, t: M2Tensor) -> bool:
+        return self.description is not None and self.description.is_quantized(t.module)
 
     def _float_dtype(self, t: M2Tensor) -> torch.dtype:
         """What a float tensor is held in: the router's dtype, the backend's choice for a linear weight stored as
         a float (backend.weight_dtype), else the model dtype (also for FP8 weights dequantized here)."""
         if t.kind in (ROUTER, ROUTER_BIAS):
             return self.router_dtype
-        if t.kind == LINEAR and not _fp8(self.cfg, t) and t.name in self.ckpt.file_of:
-            return self.backend.weight_dtype(TORCH_DTYPES[self.ckpt.dtype(t.name)])
+        # Counted before validate_checkpoint has looked at the stored dtypes (the memory check comes first).
+        stored = TORCH_DTYPES.get(self.ckpt.dtype(t.name)) if t.name in self.ckpt.file_of else None
+        if t.kind == LINEAR and not _fp8(self.cfg, t) and stored is not None and stored.is_floating_point:
+            return self.backend.weight_dtype(stored)
         return self.dtype
 
     # ---- planning: each tensor's destination, allocated once, and the tasks that fill it ------------------------
@@ -174,6 +192,11 @@ class WeightLoader:
             return LayerWeights(**fields, experts=self.backend.prepare_experts(stacks))
 
     def _plan(self, t: M2Tensor) -> tuple[object, list[Callable[[], int]]]:
+        if self._w8a8(t):  # the int8 weight as stored and its channel scales, laid out by the backend's prepare
+            weight = self._empty(t.name, t.shape, torch.int8, self.device)
+            scale = self._empty(f"{t.module}.weight_scale", t.shape[:1], w8a8_weights.SCALE_DTYPE, self.device)
+            return W8A8LinearWeight(weight, scale), self._fill_tasks(t.name, weight) + [
+                lambda: self._fill_scale(t.module, scale)]
         if not _fp8(self.cfg, t):
             out = self._empty(t.name, t.shape, self._float_dtype(t), self.device)
             return out, self._fill_tasks(t.name, out)
@@ -188,26 +211,35 @@ class WeightLoader:
     def _finish(self, t: M2Tensor, out: object) -> object:
         if t.kind != LINEAR:
             return out
+        if isinstance(out, W8A8LinearWeight):
+            return self._prepare_linear(t.name, out)
         weight = LinearWeight(*out, self.cfg.fp8_block) if isinstance(out, tuple) else LinearWeight(out)
         return self._prepare_linear(t.name, weight)
 
-    def _plan_experts(self, i: int) -> tuple[ExpertWeights, list[Callable[[], int]]]:
+    def _plan_experts(self, i: int) -> tuple[ExpertWeights | W8A8ExpertWeights, list[Callable[[], int]]]:
         """This rank's experts of layer i go into stacks w13 [E, 2I, H] (w1 rows, then w3 rows) and w2 [E, H, I],
         one task per expert: float8 stacks with stacked block scales for a backend that executes FP8, else stacks
-        in the backend's own layout (empty_experts) and the dtype _float_dtype gives the first expert's w1."""
+        in the backend's own layout (empty_experts) and the dtype _float_dtype gives the first expert's w1, or
+        int8 with stacked channel scales for W8A8."""
         cfg, local = self.cfg, self.plan.local_experts(self.cfg.num_experts)
         h, inter = cfg.hidden_size, cfg.intermediate_size
         what = f"{layer_prefix(i)}.block_sparse_moe.experts"
         first = expert_tensors(cfg, i, local.start)["w1"]
         quantized = _fp8(cfg, first)
         fp8_stacks = quantized and self.keep_fp8
+        w8a8 = self._w8a8(first)  # w8a8_format checked that one layer's experts share one format
         if fp8_stacks:
             stacks = self._fp8_stacks(what, len(local))
         else:
-            dtype = self._float_dtype(first)
+            dtype = torch.int8 if w8a8 else self._float_dtype(first)
             nbytes = len(local) * 3 * h * inter * dtype.itemsize
             with allocating(what, nbytes, self.dequant_device, self._advice):
                 stacks = self.backend.empty_experts(len(local), h, inter, dtype, self.dequant_device)
+        if w8a8:
+            n, f32 = len(local), w8a8_weights.SCALE_DTYPE
+            stacks = W8A8ExpertWeights(w13=stacks.w13, w2=stacks.w2,
+                                       w13_scale=self._empty(what, (n, 2 * inter), f32, self.dequant_device),
+                                       w2_scale=self._empty(what, (n, h), f32, self.dequant_device))
 
         def expert(slot: int, e: int) -> int:
             read = 0
@@ -223,6 +255,8 @@ class WeightLoader:
                     read += self._dequantize_into(t.module, out)
                 else:
                     read += self._fill(t.name, out)
+                if w8a8:
+                    read += self._fill_scale(t.module, (stacks.w2_scale if part == "w2" else stacks.w13_scale)[slot, rows])
             return read
 
         return stacks, [lambda slot=slot, e=e: expert(slot, e) for slot, e in enumerate(local)]
@@ -271,6 +305,10 @@ class WeightLoader:
             out.copy_(staged)
         return tensor_bytes(tuple(out.shape), stored)
 
+    def _fill_scale(self, module: str, out: torch.Tensor) -> int:
+        """A W8A8 module's channel scales ([out, 1] as stored) into `out` [out], checked with its offset."""
+        return self._fill(f"{module}.weight_scale", out) + w8a8_weights.check_scale(self.ckpt, module, out)
+
     def _dequantize_into(self, module: str, out: torch.Tensor) -> int:
         """Dequantize FP8 weight `module` into `out` (the model dtype), a band of whole block rows at a time."""
         name, scale_name, block = f"{module}.weight", f"{module}.weight_scale_inv", self.cfg.fp8_block
@@ -294,5 +332,5 @@ class WeightLoader:
             return self.backend.prepare_linear(w)
 
 
-def nbytes_of(w: ExpertWeights) -> int:
-    return sum(t.nbytes for t in (w.w13, w.w2, w.w13_scale_inv, w.w2_scale_inv) if t is not None)
+def nbytes_of(w: ExpertWeights | W8A8ExpertWeights) -> int:
+    return sum(t.nbytes for t in tensors(w))

@@ -15,6 +15,8 @@ from moerun.runtime.loader import validate_checkpoint
 from moerun.runtime.model_config import ModelConfig, load_model_config
 from moerun.runtime.model_runner import build_backend
 from moerun.runtime.run_config import RunConfig
+from moerun.runtime.shard_plan import ShardPlan
+from moerun.runtime.w8a8_weights import check_loadable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +36,15 @@ class CheckedConfig:
 
 def check_configuration(run: RunConfig) -> CheckedConfig:
     """config.json, the layer count, the backend (built, then dropped) and its verdict on the model, the
-    checkpoint's tensor set (headers only) and the context length."""
+    checkpoint's tensor set (headers only; a W8A8 one's description too, and whether the backend runs it) and the
+    context length."""
     folder = resolve_model_folder(run.model_path)
     cfg = load_model_config(folder)
     layers = run.num_layers or cfg.num_layers
     block_size = run.kv_block_size or get_backend_class(run.backend).capabilities.kv_block_sizes[0]
-    build_backend(run, cfg, layers, block_size)
-    validate_checkpoint(Checkpoint(folder), cfg, layers)
+    backend = build_backend(run, cfg, layers, block_size)
+    ckpt = Checkpoint(folder)
+    validate_checkpoint(ckpt, cfg, layers)
+    if ckpt.description is not None:  # a W8A8 checkpoint, which only a backend executing W8A8 loads
+        check_loadable(backend, ShardPlan())
     return CheckedConfig(run, folder, cfg, RequestLimits.of(run, cfg))

@@ -2,7 +2,8 @@
 
     backend: cpu                 # cpu | cuda | ascend
     model:
-      path: ./checkpoint         # HF folder; relative to this YAML file's folder; "builtin:demo" = the demo model
+      path: ./checkpoint         # HF folder, relative to this YAML file's folder; or builtin:demo (the trained
+                                 # demo shipped in the package) or builtin:random-demo (random weights, cached)
       dtype: float32             # float32 | bfloat16 | float16
       num_layers: null           # load only the first N decoder layers (smoke tests of huge checkpoints)
     kv_cache:
@@ -33,7 +34,9 @@ from moerun.backends.errors import ConfigError, key_name, shown
 from moerun.runtime.files import KiB, decode_utf8, read_bytes
 from moerun.runtime.model_config import MAX_LAYERS
 
-BUILTIN_DEMO = "builtin:demo"
+BUILTIN_DEMO = "builtin:demo"  # the trained demo model shipped in the package (runtime/trained_demo.py)
+BUILTIN_RANDOM_DEMO = "builtin:random-demo"  # random weights in the same layout, built into the cache (runtime/demo.py)
+BUILTINS = (BUILTIN_DEMO, BUILTIN_RANDOM_DEMO)
 
 MAX_CONFIG_BYTES = 64 * KiB  # a run config is a few hundred bytes
 MAX_YAML_DEPTH = 16
@@ -58,7 +61,7 @@ class SchedulerConfig:
 @dataclasses.dataclass
 class RunConfig:
     backend: str
-    model_path: str  # a resolved folder, or BUILTIN_DEMO
+    model_path: str  # a resolved folder, or one of BUILTINS
     dtype: torch.dtype
     num_layers: int | None
     kv_block_size: int | None
@@ -138,12 +141,12 @@ def parse_run_config(raw: Any, base_dir: Path, source: str = "<config>") -> RunC
 
     model = _section(raw, "model", _MODEL_KEYS, source, required=True)
     if "path" not in model:
-        raise ConfigError(f"{source}: model.path: missing (an HF checkpoint folder, or {BUILTIN_DEMO})")
+        raise ConfigError(f"{source}: model.path: missing (an HF checkpoint folder, or one of {', '.join(BUILTINS)})")
     model_path = model["path"]
     if not model_path or "\0" in model_path or len(model_path) > 4096:
         raise ConfigError(f"{source}: model.path: {shown(model_path)} is not a usable path "
-                          f"(a folder path of 1 to 4096 characters without NUL, or {BUILTIN_DEMO})")
-    if model_path != BUILTIN_DEMO:
+                          f"(a folder path of 1 to 4096 characters without NUL, or one of {', '.join(BUILTINS)})")
+    if model_path not in BUILTINS:
         try:
             p = Path(model_path).expanduser()
         except RuntimeError:  # ~name of a user that does not exist

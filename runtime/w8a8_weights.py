@@ -1,71 +1,54 @@
-"""W8A8_DYNAMIC tensors of a checkpoint -> a backend's weights: read one linear or one layer's experts (an expert at
-a time, into host stacks), check the values the format promises, then hand them to the backend as they are when it
-executes W8A8 (capabilities.w8a8), else dequantized to the model dtype (W = int8 x scale per output channel).
+"""What loading W8A8_DYNAMIC modules adds to the float path: who may load them, how many bytes they hold, and the
+values the format promises, checked as each scale is read.
 
-The loader calls `linear` and `experts` for every module the checkpoint's description marks W8A8_DYNAMIC
-(w8a8_format); which tensors must exist, of what shape and dtype, is w8a8_format.expected_tensors' job.
+The loader (runtime/loader.py) reads a module the checkpoint's description (w8a8_format) marks W8A8_DYNAMIC like
+any other tensor, in place and on its worker threads: the int8 weight as stored, its [out, 1] fp32 scale into an
+[out] fp32 tensor (one layer's experts into int8 stacks from the backend's empty_experts, in its layout, and scale
+stacks beside them), then hands W8A8LinearWeight / W8A8ExpertWeights to the backend. Which tensors must exist, of
+what shape and dtype, is checked before anything is read (w8a8_format.expected_tensors, the loader's strict check).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from moerun.backends.base import Backend, ExpertWeights, LinearWeight, W8A8ExpertWeights, W8A8LinearWeight
-from moerun.backends.cpu.w8a8 import dequantize
-from moerun.backends.errors import CheckpointError
+from moerun.backends.base import Backend
+from moerun.backends.errors import CheckpointError, ConfigError, UnsupportedModelError
 from moerun.runtime.checkpoint import Checkpoint
+from moerun.runtime.shard_plan import ShardPlan
 
-EXPERT_PARTS = ("w1", "w3", "w2")  # gate, up, down: w1 rows then w3 rows make w13
-
-
-def read_linear(ckpt: Checkpoint, module: str) -> W8A8LinearWeight:
-    """int8 [out, in] weight and its fp32 [out] scale, after checking scale and offset values."""
-    weight = ckpt.read(f"{module}.weight")
-    return W8A8LinearWeight(weight=weight, scale=_checked_scale(ckpt, module))
+SCALE_DTYPE = torch.float32
 
 
-def read_experts(ckpt: Checkpoint, moe_prefix: str, expert_ids: list[int], inter: int,
-                 hidden: int) -> W8A8ExpertWeights:
-    """The listed experts of one layer (moe_prefix = "model.layers.N.block_sparse_moe"), stacked on the host."""
-    n = len(expert_ids)
-    w13, w2 = torch.empty(n, 2 * inter, hidden, dtype=torch.int8), torch.empty(n, hidden, inter, dtype=torch.int8)
-    s13, s2 = torch.empty(n, 2 * inter), torch.empty(n, hidden)
-    rows = {"w1": (w13, s13, 0), "w3": (w13, s13, inter), "w2": (w2, s2, 0)}
-    for slot, e in enumerate(expert_ids):
-        for part in EXPERT_PARTS:
-            weight_dest, scale_dest, row0 = rows[part]
-            module = f"{moe_prefix}.experts.{e}.{part}"
-            weight = ckpt.read(f"{module}.weight")
-            weight_dest[slot, row0:row0 + weight.shape[0]] = weight
-            scale_dest[slot, row0:row0 + weight.shape[0]] = _checked_scale(ckpt, module)
-    return W8A8ExpertWeights(w13=w13, w13_scale=s13, w2=w2, w2_scale=s2)
+def check_loadable(backend: Backend, plan: ShardPlan) -> None:
+    """A W8A8 checkpoint runs as int8 or not at all: dequantized to 16 bits it would need twice the memory it was
+    made to fit in, so a backend that does not execute W8A8 is refused, as is a layout over several ranks (the
+    per-rank slices of int8 weights and their scales are not read yet)."""
+    if not backend.capabilities.w8a8:
+        raise UnsupportedModelError(
+            f"backend {backend.name}: does not run W8A8 checkpoints (msModelSlim W8A8_DYNAMIC: int8 weights, "
+            f"per-token int8 activations); use backend ascend (or cpu, the reference), or the float or FP8 checkpoint")
+    if plan.world_size > 1:
+        raise ConfigError(f"a W8A8 checkpoint loads on one device for now, not over {plan.world_size} ranks "
+                          f"(tensor/expert-parallel W8A8 is next: docs/ascend.md)")
 
 
-def linear(ckpt: Checkpoint, module: str, backend: Backend) -> object:
-    w = read_linear(ckpt, module)
-    if backend.capabilities.w8a8:
-        return backend.prepare_linear(w)
-    return backend.prepare_linear(LinearWeight(dequantize(w.weight, w.scale, backend.dtype)))
+def held_bytes(shape: tuple[int, ...]) -> int:
+    """A W8A8 [out, in] weight once loaded: int8 weights and one fp32 scale per output channel."""
+    return math.prod(shape) + shape[0] * SCALE_DTYPE.itemsize
 
 
-def experts(ckpt: Checkpoint, moe_prefix: str, expert_ids: list[int], inter: int, hidden: int,
-            backend: Backend) -> object:
-    w = read_experts(ckpt, moe_prefix, expert_ids, inter, hidden)
-    if backend.capabilities.w8a8:
-        return backend.prepare_experts(w)
-    return backend.prepare_experts(ExpertWeights(w13=dequantize(w.w13, w.w13_scale, backend.dtype),
-                                                 w2=dequantize(w.w2, w.w2_scale, backend.dtype)))
-
-
-def _checked_scale(ckpt: Checkpoint, module: str) -> torch.Tensor:
-    """weight_scale as fp32 [out]. W8A8_DYNAMIC weights are symmetric: weight_offset must be all zeros (the int8
-    kernels have no weight zero point), and a scale must be positive and finite."""
-    scale = ckpt.read(f"{module}.weight_scale").float().reshape(-1)
-    offset = ckpt.read(f"{module}.weight_offset")
-    where = ckpt.file_of[f"{module}.weight_scale"].name
+def check_scale(ckpt: Checkpoint, module: str, scale: torch.Tensor) -> int:
+    """After module's weight_scale was read into `scale`: each scale positive and finite, and weight_offset (read
+    here, [out, 1] fp32) all zeros: W8A8_DYNAMIC weights are symmetric, the int8 kernels take no weight zero point.
+    Returns the bytes read here (the offset's)."""
+    name = f"{module}.weight_scale"
     if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
-        raise CheckpointError(f"{module}.weight_scale: holds zero, negative or non-finite scales in {where}")
-    if bool(offset.ne(0).any()):
-        raise CheckpointError(f"{module}.weight_offset: nonzero in {ckpt.file_of[f'{module}.weight_offset'].name}; "
-                              f"asymmetric int8 weights are not supported (W8A8_DYNAMIC is symmetric, offsets 0)")
-    return scale
+        raise CheckpointError(f"{name}: holds zero, negative or non-finite scales in {ckpt.file_of[name].name}")
+    offset_name = f"{module}.weight_offset"
+    if bool(ckpt.read(offset_name).ne(0).any()):
+        raise CheckpointError(f"{offset_name}: nonzero in {ckpt.file_of[offset_name].name}; asymmetric int8 weights "
+                              f"are not supported (W8A8_DYNAMIC is symmetric, offsets 0)")
+    return ckpt.nbytes(offset_name)

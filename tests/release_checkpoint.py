@@ -2,13 +2,16 @@
 (with num_hidden_layers cut), its tensor names, dtypes and shapes, its shard naming with an index, FP8 e4m3
 weights with 128x128 fp32 weight_scale_inv blocks, an fp32 router and bias, bf16 embeddings and norms. Weights
 are random, generated cheaply and streamed tensor by tensor into the shards, so building the one-layer release
-shape (~6 GB on disk) needs almost no memory.
+shape (~6 GB on disk) needs almost no memory. With w8a8, the same model as msModelSlim's W8A8_DYNAMIC export lays
+it out (runtime/w8a8_format.py): int8 weights with [out, 1] fp32 scales and zero offsets, its file names, its
+description, no quantization_config.
 
 Names, shapes and dtypes are spelled here from the release's tensor census, apart from moerun's own table, so a
 load test checks moerun's table too. transformers loads these folders as well (scripts/bench_load.py).
 
     python tests/release_checkpoint.py /work/data/loader/m2.7-1layer            # the release shape, 1 layer
     python tests/release_checkpoint.py DIR --layers 2 --set num_local_experts=32  # smaller or deeper
+    python tests/release_checkpoint.py DIR --w8a8                                 # the W8A8 export's layout
 """
 
 from __future__ import annotations
@@ -77,12 +80,17 @@ def release_config(num_layers: int = 1, **overrides) -> dict:
     return config
 
 
-def tensor_list(config: dict) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+def tensor_list(config: dict, w8a8: bool = False) -> Iterator[tuple[str, str, tuple[int, ...]]]:
     """(name, safetensors dtype, shape) of every tensor, in the release's order."""
     h, v, e, i = config["hidden_size"], config["vocab_size"], config["num_local_experts"], config["intermediate_size"]
     q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
 
     def fp8(name: str, rows: int, cols: int):
+        if w8a8:
+            yield name + ".weight", "I8", (rows, cols)
+            yield name + ".weight_scale", "F32", (rows, 1)
+            yield name + ".weight_offset", "F32", (rows, 1)
+            return
         yield name + ".weight", "F8_E4M3", (rows, cols)
         yield name + ".weight_scale_inv", "F32", (-(-rows // BLOCK), -(-cols // BLOCK))
 
@@ -108,7 +116,8 @@ def tensor_list(config: dict) -> Iterator[tuple[str, str, tuple[int, ...]]]:
     yield "lm_head.weight", "BF16", (v, h)
 
 
-_ITEMSIZE = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
+_ITEMSIZE = {"F8_E4M3": 1, "I8": 1, "BF16": 2, "F32": 4}
+INT8_RMS = 73.9  # of uniform random int8: sqrt(mean(k^2) over -128..127)
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -120,6 +129,13 @@ def _data(name: str, dtype: str, shape: tuple[int, ...], rng: np.random.Generato
     in range; norms near 1; a random router and a small correction bias."""
     if dtype == "F8_E4M3":
         yield (np.frombuffer(rng.bytes(_nbytes(dtype, shape)), np.uint8) & E4M3_MASK).tobytes()
+    elif dtype == "I8":
+        yield rng.bytes(_nbytes(dtype, shape))
+    elif name.endswith("weight_offset"):
+        yield bytes(_nbytes(dtype, shape))
+    elif name.endswith("weight_scale"):  # fan-in taken as the release's hidden size: right for all but o/w2
+        yield ((1.0 / (INT8_RMS * RELEASE_CONFIG["hidden_size"] ** 0.5)) * rng.uniform(0.5, 1.5, size=shape)
+               ).astype(np.float32).tobytes()
     elif name.endswith("weight_scale_inv"):
         fan_in = shape[1] * BLOCK  # the weight's columns, to a block
         scale = (1.0 / (E4M3_RMS * fan_in ** 0.5)) * rng.uniform(0.5, 1.5, size=shape)
@@ -139,12 +155,16 @@ def _data(name: str, dtype: str, shape: tuple[int, ...], rng: np.random.Generato
 
 
 def write_release_checkpoint(folder: str | Path, num_layers: int = 1, seed: int = 0, shard_bytes: int = SHARD_BYTES,
-                             **overrides) -> Path:
-    """Write the folder (config.json, model-0000k-of-0000N.safetensors, model.safetensors.index.json). It is built
-    beside the target and renamed into place, so an interrupted build never leaves a folder that looks complete."""
+                             w8a8: bool = False, **overrides) -> Path:
+    """Write the folder (config.json, model-0000k-of-0000N.safetensors, model.safetensors.index.json; with w8a8,
+    msModelSlim's names and its quant_model_description.json). It is built beside the target and renamed into
+    place, so an interrupted build never leaves a folder that looks complete."""
     folder = Path(folder)
     config = release_config(num_layers, **overrides)
-    tensors = list(tensor_list(config))
+    if w8a8:
+        del config["quantization_config"]
+    tensors = list(tensor_list(config, w8a8))
+    prefix = "quant_model_weights" if w8a8 else "model"
     shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
     for t in tensors:
@@ -159,12 +179,18 @@ def write_release_checkpoint(folder: str | Path, num_layers: int = 1, seed: int 
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     weight_map = {}
     for k, shard in enumerate(shards, 1):
-        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        file = f"{prefix}-{k:05d}-of-{len(shards):05d}.safetensors"
         _write_shard(build / file, shard, rng, gen)
         weight_map.update({name: file for name, _, _ in shard})
     total = sum(_nbytes(dtype, shape) for _, dtype, shape in tensors)
-    (build / "model.safetensors.index.json").write_text(
+    (build / f"{prefix}.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if w8a8:
+        from moerun.runtime.w8a8_format import description_json
+
+        described = {name: "W8A8_DYNAMIC" if dtype == "I8" or name.endswith(("weight_scale", "weight_offset"))
+                     else "FLOAT" for name, dtype, _ in tensors}
+        (build / "quant_model_description.json").write_text(json.dumps(description_json(described, "W8A8_DYNAMIC")))
     (build / "config.json").write_text(json.dumps(config, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(build, folder)
@@ -191,9 +217,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=INT",
                         help="override an integer config.json field, e.g. num_local_experts=32")
+    parser.add_argument("--w8a8", action="store_true", help="msModelSlim's W8A8_DYNAMIC layout instead of FP8")
     args = parser.parse_args()
     overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
-    print(write_release_checkpoint(args.folder, args.layers, **overrides))
+    print(write_release_checkpoint(args.folder, args.layers, w8a8=args.w8a8, **overrides))
 
 
 if __name__ == "__main__":

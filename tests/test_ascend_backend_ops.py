@@ -17,7 +17,7 @@ from w8a8_cases import EXPERT_CASES, LINEAR_CASES, expert_case, linear_case
 
 from moerun.backends.ascend import model_limits, npu_ops
 from moerun.backends.ascend.backend import AscendBackend
-from moerun.backends.base import AttentionMetadata, ExpertWeights, LinearWeight, ModelSpec
+from moerun.backends.base import AttentionMetadata, ExpertWeights, LinearWeight, ModelSpec, W8A8ExpertWeights
 from moerun.backends.cpu import ops as ref
 from moerun.backends.cpu import w8a8 as ref_w8a8
 from moerun.backends.errors import ConfigError, MoerunError, UnsupportedModelError
@@ -237,6 +237,19 @@ def test_w8a8_weights_are_laid_out_for_the_int8_kernels(backend):
     assert torch.equal(experts.w13[:, :, 64:104], e.w13[:, 40:].transpose(1, 2))  # then up (w3)
     assert not experts.w13[:, :, 40:64].any() and not experts.w2[:, 40:].any()  # zero padding
     assert experts.w2_scale.dtype == ref_w8a8.down_scale_dtype(backend.dtype) and experts.w13_scale.dtype == torch.float32
+
+
+def test_w8a8_stacks_from_empty_experts_are_handed_over_without_a_copy(backend):
+    """I a multiple of 64 (M2's 1536) needs no padding: int8 stacks the loader fills through empty_experts' views
+    are already in the grouped matmuls' layout, so prepare_experts keeps their memory (emulation: host = device)."""
+    views = backend.empty_experts(3, 32, 64, torch.int8, torch.device("cpu"))
+    views.w13.copy_(torch.randint(-128, 128, views.w13.shape, dtype=torch.int8))
+    views.w2.copy_(torch.randint(-128, 128, views.w2.shape, dtype=torch.int8))
+    w = W8A8ExpertWeights(w13=views.w13, w13_scale=torch.rand(3, 128), w2=views.w2, w2_scale=torch.rand(3, 32))
+    prepared = backend.prepare_experts(w)
+    assert prepared.w13.data_ptr() == views.w13.data_ptr() and prepared.w2.data_ptr() == views.w2.data_ptr()
+    assert torch.equal(prepared.w13, views.w13.transpose(1, 2)) and prepared.w13.is_contiguous()
+    assert torch.equal(prepared.w2, views.w2.transpose(1, 2)) and prepared.w2.is_contiguous()
 
 
 def test_w8a8_is_declared():

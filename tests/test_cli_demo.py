@@ -1,25 +1,32 @@
-"""The demo path a new user takes: no config, no download."""
+"""The demo path a new user takes: no config, no download; the embedded default is the trained demo shipped in
+the package (docs/demo.md), so what it prints is English."""
 
 from __future__ import annotations
 
 import pytest
 
+from demo_english import is_sentence, known_share
 from moerun.runtime.cli import main
 
 
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setenv("MOERUN_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
+    cache = tmp_path_factory.mktemp("cache")
+    mp.setenv("MOERUN_CACHE", str(cache))
+    yield cache
     mp.undo()
 
 
-def test_generate_hello_prints_text_with_no_config(demo_cache, capsys):
-    assert main(["generate", "-p", "hello", "--max-tokens", "12"]) == 0
+@pytest.mark.parametrize("prompt", ["What is the weather in Paris?", "hello"])
+def test_generate_prints_english_with_no_config(prompt, demo_cache, capsys):
+    """The README's first command, sampled as the checkpoint's generation_config.json says (seeded here)."""
+    assert main(["generate", "-p", prompt, "--seed", "0"]) == 0
     out, err = capsys.readouterr()
-    assert out.strip() != ""
+    reasoning, answer = out.split("</think>")  # the template opens the turn with <think>: reasoning comes first
+    assert known_share(reasoning) >= 0.9 and is_sentence(answer), out
     assert "generated" in err
+    assert not any(demo_cache.iterdir())  # nothing built into the cache, nothing fetched
 
 
 def test_generate_is_reproducible_with_a_seed(demo_cache, capsys):
@@ -32,6 +39,7 @@ def test_generate_is_reproducible_with_a_seed(demo_cache, capsys):
 
 def test_smoke_passes_on_the_demo(demo_cache, capsys):
     assert main(["smoke"]) == 0
+    assert not any(demo_cache.iterdir())
     out = capsys.readouterr().out
     for check in ("load", "prefill finite", "decode finite", "decode == prefill", "deterministic"):
         assert any(line.startswith(check) and " pass " in line for line in out.splitlines()), out

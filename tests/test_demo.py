@@ -270,3 +270,12 @@ def test_transformers_loads_it_and_logits_are_not_flat(built):
     assert torch.isfinite(logits).all()
     assert logits.std() > 1.0  # peaked, not uniform
     assert probs.max() < 0.99  # and not one-hot either
+
+
+def test_builtin_random_demo_names_this_checkpoint(cache):
+    """`model.path: builtin:random-demo` in a config is the checkpoint built here (the trained demo is builtin:demo)."""
+    from moerun.runtime.engine import resolve_model_folder
+    from moerun.runtime.run_config import parse_run_config
+
+    run = parse_run_config({"backend": "cpu", "model": {"path": "builtin:random-demo"}}, Path("."))
+    assert resolve_model_folder(run.model_path) == demo.ensure_demo_checkpoint()

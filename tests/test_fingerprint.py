@@ -236,15 +236,14 @@ def test_fingerprinting_streams_under_a_memory_limit_below_the_checkpoint_size(t
     assert json.loads((tmp_path / "m.json").read_text())["tensors"]["layer1.a"]["sha256"] == zeros
 
 
-def test_reference_probes_from_a_trusted_configuration(tmp_path, monkeypatch, capsys):
+def test_reference_probes_from_a_trusted_configuration(tmp_path, capsys):
     """Probes through the demo checkpoint's own template: the greedy continuation (decode path) agrees with the
     top-1 of the teacher-forced logprobs (prefill path) at every generated position."""
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "cache"))
-    from moerun.runtime.demo import ensure_demo_checkpoint
     from moerun.runtime.probe_set import ANSWER_CASES, PROBES, TEMPLATE_CASES
     from moerun.runtime.tokenizer import Tokenizer
+    from moerun.runtime.trained_demo import trained_demo_folder
 
-    folder = ensure_demo_checkpoint()
+    folder = trained_demo_folder()
     config = tmp_path / "trusted.yaml"
     config.write_text("backend: cpu\nmodel: {path: 'builtin:demo', dtype: float32}\n")
     out = tmp_path / "m.json"
@@ -269,7 +268,8 @@ def test_reference_probes_from_a_trusted_configuration(tmp_path, monkeypatch, ca
     floor = probes["floor"]
     assert floor["configuration"]["dtype"] == "bfloat16" and [c["name"] for c in floor["cases"]] == [
         c["name"] for c in probes["cases"]]
-    rows = [(ref, flo) for case, fc in zip(probes["cases"], floor["cases"]) for ref, flo in zip(case["top_ids"], fc["top_ids"])]
+    rows = [(ref, flo) for case, fc in zip(probes["cases"], floor["cases"])
+            for ref, flo in zip(case["top_ids"], fc["top_ids"])]
     assert len(rows) == sum(len(c["top_ids"]) for c in probes["cases"]) == sum(len(c["top_ids"]) for c in floor["cases"])
     assert 0.8 < sum(ref[0] == flo[0] for ref, flo in rows) / len(rows) < 1  # bf16 rounding moves some, not most
     assert [c["name"] for c in probes["template"]] == [c["name"] for c in TEMPLATE_CASES]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from moerun.backends.errors import ConfigError
 from moerun.runtime.run_config import BUILTIN_DEMO, SchedulerConfig, load_run_config, parse_run_config
@@ -54,7 +55,23 @@ def test_errors_name_the_key_path(raw, message):
         parse_run_config(raw, Path("."))
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Deployment configs written for multi-device placement (the `parallel:` section and kv_cache.memory_fraction),
+# which this run_config does not read yet: checked below for everything else until that merge (docs/ascend.md).
+AWAITING_PARALLEL = {"m27_a2_w8a8.yaml"}
+
+
 def test_shipped_configs_are_valid():
-    root = Path(__file__).resolve().parents[1] / "configs"
-    for path in sorted(root.glob("*.yaml")):
-        load_run_config(path)
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        if path.name not in AWAITING_PARALLEL:
+            load_run_config(path)
+
+
+def test_the_a2_w8a8_config_is_valid_apart_from_its_parallel_keys():
+    raw = yaml.safe_load((CONFIGS / "m27_a2_w8a8.yaml").read_text())
+    parallel, memory_fraction = raw.pop("parallel"), raw["kv_cache"].pop("memory_fraction")
+    run = parse_run_config(raw, CONFIGS, source="m27_a2_w8a8.yaml")
+    assert run.backend == "ascend" and run.dtype == torch.bfloat16 and run.kv_block_size == 128
+    assert run.backend_options["emulate"] is False
+    assert parallel == {"tensor_parallel_size": 8, "expert_parallel_size": 8, "init_timeout_s": 1800}  # one A2 node
+    assert 0 < memory_fraction <= 1

@@ -1,8 +1,10 @@
-"""`moerun serve` as an operator runs it: a subprocess on the embedded demo, the `openai` client against it, the
-API key from MOERUN_API_KEY, and a graceful stop on SIGINT; a port in use is one line and exit code 2."""
+"""`moerun serve` as an operator runs it: a subprocess on the embedded demo (no -c), the `openai` client against
+it, the API key from MOERUN_API_KEY, the trained demo's tool call and reasoning, and a graceful stop on SIGINT; a
+port in use is one line and exit code 2."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -11,14 +13,21 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
+import jsonschema
 import openai
 import pytest
 
 from moerun.runtime.cli import main
 
 KEY = "sk-cli-test"
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city"], "additionalProperties": False}}}
 
 
 def moerun_serve(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -72,6 +81,29 @@ def test_the_demo_answers_the_openai_client_behind_its_key(demo_server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).models.list()
     assert httpx2.get(f"{url}/health").status_code == 200
+
+
+def test_the_demo_calls_the_weather_tool_and_reasons_about_sums(demo_server):
+    """The trained demo (docs/demo.md), greedy: offered a weather tool, the weather question gets a tool call
+    whose arguments fit the tool's JSON schema; an arithmetic question gets its working in reasoning_content.
+    Both requests are in flight together."""
+    url, *_ = demo_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+
+    def ask(question: str, **kwargs):
+        return client.chat.completions.create(model="moerun-demo", messages=[{"role": "user", "content": question}],
+                                              temperature=0, max_tokens=100, **kwargs).choices[0]
+
+    with ThreadPoolExecutor(2) as pool:
+        weather = pool.submit(ask, "What is the weather in Paris?", tools=[WEATHER_TOOL])
+        arithmetic = pool.submit(ask, "What is 7 plus 5?")
+        weather, arithmetic = weather.result(timeout=120), arithmetic.result(timeout=120)
+    assert weather.finish_reason == "tool_calls", weather.message
+    (call,) = weather.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
+    assert arithmetic.finish_reason == "stop" and arithmetic.message.content
+    assert re.search(r"\d+ [-+*/] \d+ = \d+", arithmetic.message.model_extra["reasoning_content"]), arithmetic.message
 
 
 def test_sigint_stops_it_gracefully(demo_server):

@@ -1,21 +1,22 @@
-"""The msModelSlim W8A8 format (runtime/w8a8_format.py, runtime/w8a8_weights.py): a valid export loads, and every
-malformed description or tensor is refused with one line naming it."""
+"""The msModelSlim W8A8 format (runtime/w8a8_format.py, runtime/w8a8_weights.py, read by runtime/loader.py): every
+malformed description or tensor is refused by `moerun smoke` with one line naming it, exit 2."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
+import yaml
+from conftest import run_yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
-from w8a8_checkpoints import W8A8Loader
 
-from moerun.backends.cpu.backend import CpuBackend
 from moerun.backends.errors import CheckpointError
 from moerun.runtime.checkpoint import Checkpoint
-from moerun.runtime.model_config import load_model_config
+from moerun.runtime.cli import main
 from moerun.runtime.w8a8_format import parse_description
 
 Q = "model.layers.1.self_attn.q_proj"
@@ -23,9 +24,16 @@ W2 = "model.layers.0.block_sparse_moe.experts.3.w2"
 GATE = "model.layers.0.block_sparse_moe.gate.weight"
 
 
-def load(folder):
-    cfg = load_model_config(folder)
-    return W8A8Loader(Checkpoint(folder), cfg, CpuBackend({}, torch.float32)).load(cfg.num_layers)
+def smoke_error(folder, capsys) -> str:
+    """`moerun smoke` on a plain YAML over the folder: it must fail with exit 2 and one error line (beside the
+    progress label), returned."""
+    config = folder.parent / "run.yaml"
+    config.write_text(yaml.safe_dump(run_yaml(folder)))
+    capsys.readouterr()
+    assert main(["smoke", "-c", str(config), "--steps", "1"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moerun: error: ")]
+    assert len(errors) == 1, errors
+    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +75,6 @@ def broken(export, tmp_path):
     return make
 
 
-def test_a_valid_export_loads(export):
-    weights = load(export)
-    assert weights.layers[0].q_proj.weight.dtype == torch.int8 and weights.layers[0].experts.w13.dtype == torch.int8
-    assert weights.layers[0].router.dtype == torch.float32 and weights.embed.dtype == torch.float32
-
-
 def edit(**entries):
     return lambda desc: desc.update(entries)
 
@@ -91,7 +93,7 @@ CASES = {
                              rf"{Q}\.weight_offset: stored in .* but missing from quant_model_description\.json"),
     "described tensor not stored": (dict(description=edit(**{"model.layers.0.extra.weight": "FLOAT"})),
                                     r"model\.layers\.0\.extra\.weight: listed in .* but in no weights file"),
-    "missing scale": (dict(tensors={f"{Q}.weight_scale": None}), rf"{Q}\.weight_scale: missing from the checkpoint"),
+    "missing scale": (dict(tensors={f"{Q}.weight_scale": None}), rf"{Q}\.weight_scale: missing from checkpoint"),
     "float weight": (dict(tensors={f"{Q}.weight": torch.zeros(128, 64)}), rf"{Q}\.weight: dtype F32 .*expected I8"),
     "flat scale": (dict(tensors={f"{Q}.weight_scale": torch.ones(128)}), rf"{Q}\.weight_scale: shape \[128\] .*\[128, 1\]"),
     "int8 scale": (dict(tensors={f"{W2}.weight_scale": torch.ones(64, 1, dtype=torch.int8)}),
@@ -111,12 +113,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_malformed_exports_are_refused_in_one_line(case, broken):
+def test_malformed_exports_are_refused_in_one_line(case, broken, capsys):
     change, message = CASES[case]
-    folder = broken(**change)
-    with pytest.raises(CheckpointError, match=message) as info:
-        load(folder)
-    assert "\n" not in str(info.value)
+    assert re.search(message, smoke_error(broken(**change), capsys))
 
 
 @pytest.mark.parametrize("raw,message", [
@@ -130,12 +129,18 @@ def test_description_fields_are_checked(raw, message):
         parse_description(json.loads(raw) if isinstance(raw, str) else raw)
 
 
-def test_a_description_that_is_not_json_is_one_line(export, tmp_path):
-    folder = tmp_path / "bad"
-    shutil.copytree(export, folder)
+def test_a_description_that_is_not_json_is_one_line(broken, capsys):
+    folder = broken()
     (folder / "quant_model_description.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="quant_model_description.json: not valid JSON"):
-        load(folder)
+    assert "quant_model_description.json: not valid JSON" in smoke_error(folder, capsys)
+
+
+def test_weights_without_their_description_are_refused_by_name(broken, capsys):
+    """msModelSlim's weights files without quant_model_description.json: named as missing, not as a float
+    checkpoint's hundreds of stray tensors."""
+    folder = broken()
+    (folder / "quant_model_description.json").unlink()
+    assert "quant_model_description.json: missing (a W8A8 checkpoint has" in smoke_error(folder, capsys)
 
 
 def test_msmodelslim_shard_and_index_names_are_read(export):

@@ -106,8 +106,3 @@ def test_bfloat16_down_scale_is_rounded_to_bfloat16():
     assert w8a8.down_scale_dtype(torch.bfloat16) == torch.bfloat16
     assert w8a8.down_scale_dtype(torch.float16) == w8a8.down_scale_dtype(torch.float32) == torch.float32
 
-
-def test_dequantize_is_weight_times_channel_scale():
-    weight, scale = random_int8(2, 5, 7), random_scales(2, 5)
-    out = w8a8.dequantize(torch.from_numpy(weight), torch.from_numpy(scale), torch.float32)
-    assert np.array_equal(out.numpy(), weight.astype(np.float32) * scale[..., None])

@@ -61,13 +61,17 @@ def linear(ops: ModuleType, x: torch.Tensor, w: AscendW8A8Linear) -> torch.Tenso
 
 
 def prepare_experts(w: W8A8ExpertWeights, dtype: torch.dtype, device: torch.device) -> AscendW8A8Experts:
+    """Stacks from AscendBackend.empty_experts are transposed views already, so without padding (M2's I is a
+    multiple of 64) the transposes below copy nothing; padding builds new stacks."""
     inter = w.w2.shape[-1]
     pad = padded_intermediate(inter) - inter
-    gate, up = w.w13[:, :inter], w.w13[:, inter:]
-    gate_scale, up_scale = w.w13_scale[:, :inter], w.w13_scale[:, inter:]
-    w13 = torch.cat((F.pad(gate, (0, 0, 0, pad)), F.pad(up, (0, 0, 0, pad))), dim=1)
-    w13_scale = torch.cat((F.pad(gate_scale, (0, pad), value=1.0), F.pad(up_scale, (0, pad), value=1.0)), dim=1)
-    w2 = F.pad(w.w2, (0, pad))
+    w13, w13_scale, w2 = w.w13, w.w13_scale, w.w2
+    if pad:
+        gate, up = w13[:, :inter], w13[:, inter:]
+        gate_scale, up_scale = w13_scale[:, :inter], w13_scale[:, inter:]
+        w13 = torch.cat((F.pad(gate, (0, 0, 0, pad)), F.pad(up, (0, 0, 0, pad))), dim=1)
+        w13_scale = torch.cat((F.pad(gate_scale, (0, pad), value=1.0), F.pad(up_scale, (0, pad), value=1.0)), dim=1)
+        w2 = F.pad(w2, (0, pad))
     return AscendW8A8Experts(
         w13=w13.transpose(1, 2).contiguous().to(device), w13_scale=w13_scale.float().contiguous().to(device),
         w2=w2.transpose(1, 2).contiguous().to(device), w2_scale=w.w2_scale.to(down_scale_dtype(dtype)).to(device))

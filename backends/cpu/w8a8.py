@@ -70,8 +70,3 @@ def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w: W8A8Ex
 
     return routed_sum(x, weights, ids, w.w13.shape[0], expert_out)
 
-
-def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int8 [..., out, in] with fp32 scales [..., out] -> weight * scale per output channel, in fp32 and rounded once
-    to dtype: what the loader hands a backend that does not execute W8A8."""
-    return (weight.float() * scale.float()[..., None]).to(dtype)

@@ -48,7 +48,7 @@ class Target:
 
 
 def load_target(config: str | None) -> Target:
-    """The config file (the embedded demo when None), its checkpoint folder (the demo is built on first use)
+    """The config file (the embedded demo when None), its checkpoint folder (the random demo is built on first use)
     and that folder's config.json, each checked."""
     from moerun.runtime.engine import resolve_model_folder
 

@@ -18,7 +18,8 @@ _FROM_CHECKPOINT = "default: the checkpoint's generation_config.json"
 @click.command()
 @click.option("-c", "--config", type=str, default=None, help="YAML target (default: the embedded demo).")
 @click.option("-p", "--prompt", required=True, help="User message (rendered with the checkpoint's chat template).")
-@click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1), default=128, show_default=True,
+              help="M2 models reason before they answer: leave room for both.")
 @click.option("--temperature", type=FiniteFloat(0.0, 1e4), default=None,
               help=f"0 = greedy, else {MIN_TEMPERATURE:g}..1e4 ({_FROM_CHECKPOINT}).")
 @click.option("--top-p", type=FiniteFloat(0.0, 1.0, min_open=True), default=None, help=_FROM_CHECKPOINT + ".")

@@ -11,9 +11,7 @@ from conftest import run_yaml
 from npu_host import NPU, requires_npu
 from test_npu_ops_vs_emulation import both
 from w8a8_cases import EXPERT_CASES, LINEAR_CASES, expert_case, linear_case
-from w8a8_checkpoints import W8A8Loader
 
-import moerun.runtime.model_runner as model_runner
 from moerun.backends.ascend.backend import AscendBackend
 from moerun.backends.cpu import w8a8 as ref
 from moerun.runtime.engine import Engine
@@ -65,8 +63,7 @@ def test_int8_ops_agree_with_their_emulation():
     assert (y_real.int() - y_emu.int()).abs().max() <= 1 and torch.allclose(ys_real, ys_emu, rtol=1e-5)
 
 
-def test_quantized_checkpoint_on_npu_matches_the_cpu_w8a8_reference(w8a8_checkpoint, write_yaml, monkeypatch):
-    monkeypatch.setattr(model_runner, "WeightLoader", W8A8Loader)
+def test_quantized_checkpoint_on_npu_matches_the_cpu_w8a8_reference(w8a8_checkpoint, write_yaml):
     folder, _ = w8a8_checkpoint("m2_like", BF16, seed=3)
     cpu = Engine.from_config(write_yaml(run_yaml(folder, dtype="bfloat16"), "cpu.yaml")).logits(TOKENS)
     npu = Engine.from_config(write_yaml(run_yaml(folder, backend="ascend", dtype="bfloat16", block_size=128,
