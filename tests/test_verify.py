@@ -6,8 +6,9 @@ seed fail logprob fidelity; templates that sort tool-schema keys, drop the syste
 the template counts, naming the first case that differs. Without echo the chat path still tells them apart.
 Every server is moerun's app on a loopback port, verify the real command run in-process.
 
-The tool-calling and reasoning checks see no tool calls from random weights (the references make none either);
-tests/test_verify_answers.py exercises them on a scripted model."""
+The tool-calling and reasoning checks see no tool calls from random weights (the references make none either):
+the trained demo model, which does call tools, shows them judging real calls at the end, and
+tests/test_verify_scripted.py exercises each of their failures on a scripted model."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from verify_servers import (WEIGHT_CHANGES, chat_checkpoint, degraded_copy, engine_for, run_verify, served,
-                            write_manifest)
+from verify_servers import (WEIGHT_CHANGES, calls_left_in_content, chat_checkpoint, degraded_copy, engine_for,
+                            run_verify, served, write_manifest)
 
 SHAPE = "gqa4_half_rope"
 SEEDS = (0, 1)
@@ -117,3 +118,25 @@ def test_without_echo_the_chat_path_judges(name, verdict, checkpoint, degraded, 
     result = check(report, "logprobs")
     assert (result["verdict"], result["figures"]["path"]) == (verdict, "chat"), table
     assert 12 <= result["figures"]["positions"] <= 12 * 5  # the continuation rows (4 tokens and the next)
+
+
+@pytest.fixture(scope="module")
+def demo_manifest(root) -> Path:
+    """The trained demo's manifest, with answers long enough for its reasoning and calls."""
+    from moerun.runtime.trained_demo import trained_demo_folder
+
+    return write_manifest(trained_demo_folder(), root / "trained_demo.json", probe_tokens=1, answer_tokens=128)
+
+
+@pytest.mark.parametrize("server,verdict", [({}, "PASS"), ({"rewrite": calls_left_in_content}, "FAIL")],
+                         ids=["faithful", "calls left in the content"])
+def test_on_the_trained_demo_the_answer_checks_judge_real_calls(server, verdict, demo_manifest, tmp_path):
+    """The trained demo reasons, then answers or calls tools: its reference answers hold parallel get_weather calls,
+    which a faithful bfloat16 server makes too and a server without M2's tool-call parser leaves in the content."""
+    from moerun.runtime.trained_demo import trained_demo_folder
+
+    with served(engine_for(trained_demo_folder()), **server) as url:
+        code, report, table = run_verify(url, demo_manifest, tmp_path / "r.json", "--checks", "tools,reasoning")
+    tools = check(report, "tools")
+    assert tools["figures"]["reference_triggered"] >= 1 and check(report, "reasoning")["verdict"] == "PASS", table
+    assert tools["verdict"] == verdict and code == (verdict == "FAIL"), table
