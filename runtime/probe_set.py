@@ -96,6 +96,12 @@ _CALLS = [
         "name": "get_time", "arguments": '{"zones": [{"zone": "Europe/Paris", "label": "Paris"}], "format": "24h"}'}},
 ]
 
+_RESULTS = [
+    {"role": "tool", "tool_call_id": "call_a",
+     "content": '{"forecast": [{"day": 1, "high": 18}, {"day": 2, "high": 21}]}'},
+    {"role": "tool", "tool_call_id": "call_b", "content": '{"Paris": "14:05"}'},
+]
+
 # Each case adds one thing to the ones before it, so when the counts differ the first case that differs names
 # what the deployment renders differently (a frame token shows up in the first case already).
 TEMPLATE_CASES: tuple[dict, ...] = (
@@ -112,15 +118,14 @@ TEMPLATE_CASES: tuple[dict, ...] = (
     {"name": "tool-calls-and-results", "tools": [_WEATHER_TOOL, _TIME_TOOL], "messages": [
         {"role": "user", "content": "What's the weather in Paris, and the time there?"},
         {"role": "assistant", "content": "", "tool_calls": _CALLS},
-        {"role": "tool", "tool_call_id": "call_a", "content": '{"forecast": [{"day": 1, "high": 18}, {"day": 2, "high": 21}]}'},
-        {"role": "tool", "tool_call_id": "call_b", "content": '{"Paris": "14:05"}'}]},
+        *_RESULTS]},
     {"name": "reasoning-history", "tools": [_WEATHER_TOOL, _TIME_TOOL], "messages": [
         {"role": "user", "content": "Is 221 a prime number?"},
-        {"role": "assistant", "reasoning_content": "221 = 13 x 17, so it is not prime.", "content": "No: 221 = 13 × 17."},
+        {"role": "assistant", "reasoning_content": "221 = 13 x 17, so it is not prime.",
+         "content": "No: 221 = 13 × 17."},
         {"role": "user", "content": "What's the weather in Paris, and the time there?"},
         {"role": "assistant", "reasoning_content": "Two tools, one call each.", "content": "", "tool_calls": _CALLS},
-        {"role": "tool", "tool_call_id": "call_a", "content": '{"forecast": [{"day": 1, "high": 18}, {"day": 2, "high": 21}]}'},
-        {"role": "tool", "tool_call_id": "call_b", "content": '{"Paris": "14:05"}'}]},
+        *_RESULTS]},
 )
 
 # kind "tool": the request offers tools and the prompt calls for them; "reasoning": no tools, an answer after thought.

@@ -32,7 +32,8 @@ def top_logprobs(engine, logits: torch.Tensor) -> dict:
     vocabulary: a padded vocab_size has ids no server reports), rounded to 1e-6."""
     logits = logits[:, :engine.sample_vocab_size]
     top = torch.log_softmax(logits.double(), -1).topk(min(TOP_LOGPROBS, logits.shape[-1]), dim=-1)
-    return {"top_ids": top.indices.tolist(), "top_logprobs": [[round(v, 6) for v in row] for row in top.values.tolist()]}
+    return {"top_ids": top.indices.tolist(),
+            "top_logprobs": [[round(v, 6) for v in row] for row in top.values.tolist()]}
 
 
 def record_probes(engine, config_source: str, max_new_tokens: int = PROBE_TOKENS) -> dict:

@@ -62,8 +62,8 @@ def save_hf_checkpoint(model, folder: Path, dtype: torch.dtype = torch.float32, 
 
 
 def save_chat_checkpoint(shape: str, folder: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """A transformers-saved model that can chat: the demo's byte-level BPE tokenizer, M2 special tokens and chat
-    template beside weights of `shape` with a vocabulary the tokenizer's size (so every id is a token)."""
+    """A transformers-saved model that can chat: the random demo's byte-level BPE tokenizer, M2 special tokens and
+    chat template beside weights of `shape` with a vocabulary the tokenizer's size (so every id is a token)."""
     from moerun.runtime import demo
 
     tokenizer_json, ids = demo.build_tokenizer_json()

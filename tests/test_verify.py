@@ -92,7 +92,8 @@ def test_degraded_weights_fail_logprob_fidelity_only(name, degraded, manifest, t
         code, report, table = run_verify(url, manifest(0), tmp_path / "r.json")
     assert (code, verdicts(report)) == (1, {**ALL_PASS, "logprobs": "FAIL"}), table
     figures = check(report, "logprobs")["figures"]
-    assert float(figures["endpoint_median_kl"]) > figures["kl_limit"] or figures["endpoint_top1"] < figures["top1_limit"]
+    assert (float(figures["endpoint_median_kl"]) > figures["kl_limit"]
+            or figures["endpoint_top1"] < figures["top1_limit"])
     assert table.splitlines()[-1] == "FAIL: logprob fidelity"
 
 

@@ -42,7 +42,8 @@ WEATHER_PARIS = {"location": "Paris", "unit": "celsius", "options": {"days": 3}}
 GOOD = {
     "in celsius for the next 3 days": "A forecast is asked for.\n</think>\n\n" + _calls(("get_weather", WEATHER_PARIS)),
     "in Paris and in Tokyo": "Two cities, two calls.\n</think>\n\n" + _calls(
-        ("get_weather", {"location": "Paris", "unit": "celsius"}), ("get_weather", {"location": "Tokyo", "unit": "celsius"})),
+        ("get_weather", {"location": "Paris", "unit": "celsius"}),
+        ("get_weather", {"location": "Tokyo", "unit": "celsius"})),
     "Tokyo (24h)": "Time, then weather.\n</think>\n\nChecking both." + _calls(
         ("get_time", {"zones": [{"zone": "Asia/Tokyo", "label": "Tokyo"}], "format": "24h"}),
         ("get_weather", {"location": "Tokyo"})),
@@ -117,7 +118,8 @@ BAD_MODEL = [
 def test_one_case_may_part_from_the_reference(tokenizer, manifest):
     """A greedy path that parts at a near-tie: one reasoning-only answer, or one tool case answered without a call,
     is not a failure on its own."""
-    one_off = {**GOOD, "17 × 24": "17 × 24 = 408.\n</think>\n\n", "in Paris and in Tokyo": "Two cities.\n</think>\n\nParis is warmer."}
+    one_off = {**GOOD, "17 × 24": "17 × 24 = 408.\n</think>\n\n",
+               "in Paris and in Tokyo": "Two cities.\n</think>\n\nParis is warmer."}
     code, checks, table = answers_verify(tokenizer, manifest, one_off)
     assert code == 0, table
     assert list(checks["tools"]["figures"]["partings"]) == ["parallel-calls"]

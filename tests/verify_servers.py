@@ -34,7 +34,7 @@ Rewrite = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
 
 
 def chat_checkpoint(shape: str, folder: Path, seed: int) -> Path:
-    """A bf16 chat checkpoint (transformers-saved weights, the demo's tokenizer and M2 template)."""
+    """A bf16 chat checkpoint (transformers-saved weights, the random demo's tokenizer and M2 template)."""
     with contextlib.redirect_stderr(io.StringIO()):
         return hf_checkpoints.save_chat_checkpoint(shape, folder, torch.bfloat16, seed)
 

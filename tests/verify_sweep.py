@@ -76,7 +76,8 @@ def small_checkpoints(sweep: Sweep, shapes: list[str], seeds: int, probe_tokens:
             if seed == 0:  # the template counts do not depend on the weights: one checkpoint per shape
                 changes += list(degrade.TEMPLATE_CHANGES)
             for change in changes:
-                sweep.run(label, change, manifest, degraded_copy(folder, root / f"{label}_{change}", change, shape, seed))
+                copy = degraded_copy(folder, root / f"{label}_{change}", change, shape, seed)
+                sweep.run(label, change, manifest, copy)
             for name, backend, change in NO_ECHO:
                 path = folder if change is None else root / f"{label}_{change}"
                 sweep.run(label, name, manifest, path, backend, "bfloat16", "--checks", "logprobs", refuse_echo=True)
