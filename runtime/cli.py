@@ -32,6 +32,7 @@ COMMANDS = {
     "smoke": "moerun.runtime.commands.smoke:smoke",
     "parity": "moerun.runtime.commands.parity:parity",
     "fingerprint": "moerun.runtime.commands.fingerprint:fingerprint",
+    "verify": "moerun.runtime.commands.verify:verify",
     "quantize": "moerun.runtime.commands.quantize:quantize",
     "serve": "moerun.runtime.commands.serve:serve",
     "plan": "moerun.runtime.commands.plan:plan",

@@ -42,6 +42,7 @@ _MAX_HEADER = 100 << 20  # safetensors' own limit on a header
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
              "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_MANIFEST = 1 << 30  # a manifest of the 230B release with probes is ~30 MB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +248,21 @@ def _hash_shards(spans: dict[Path, list[_Span]], threads: int,
             stop.set()  # workers stop at their next chunk; the pool's exit waits for them
             raise
     return hashes
+
+
+def read_manifest(path: Path) -> dict:
+    """A manifest file's JSON object, read within MAX_MANIFEST (MoerunError naming what is wrong)."""
+    if not path.is_file():
+        raise MoerunError(f"{path}: manifest not found (or not a regular file)")
+    if path.stat().st_size > MAX_MANIFEST:
+        raise MoerunError(f"{path}: {path.stat().st_size} bytes is too large for a manifest")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoerunError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MoerunError(f"{path}: not a moerun fingerprint manifest (expected a JSON object)")
+    return data
 
 
 def compare(expected: Fingerprint, actual: Fingerprint) -> list[str]:

@@ -49,10 +49,14 @@ class Calibration:
     top1_margin: float | None = None
 
     def margin(self, floor: ParityReport) -> float:
+        return self.top1_margin_of(floor.positions, floor.top1_agreement)
+
+    def top1_margin_of(self, positions: int, top1_agreement: float) -> float:
+        """The margin for a floor of `top1_agreement` over `positions` positions."""
         if self.top1_margin is not None:
             return self.top1_margin
-        n = floor.positions
-        p = (floor.top1_agreement * n + 1) / (n + 2)
+        n = positions
+        p = (top1_agreement * n + 1) / (n + 2)
         return 2 * math.sqrt(2 * p * (1 - p) / n) + 1 / n
 
 

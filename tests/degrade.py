@@ -1,5 +1,6 @@
 """Deliberately degraded copies of a float checkpoint, for fidelity tests and measurements (never product code):
-weights fake-quantized to b bits, or one layer's weights perturbed by noise.
+weights fake-quantized to b bits, one layer's weights perturbed by noise, or a chat template that renders some
+prompts differently (tool-schema keys sorted, the system prompt dropped, a second BOS).
 
 Fake quantization as weight-only quantizers (GPTQ/AWQ-style round-to-nearest) do it: symmetric, one scale per
 group of `group` consecutive input columns (absmax / (2^(b-1) - 1)), rounded to the integer grid and back, then
@@ -65,6 +66,25 @@ def write_layer_noise(src: Path, dst: Path, layer: int, relative: float, seed: i
         return (tf + relative * tf.pow(2).mean().sqrt() * torch.randn(tf.shape, generator=gen)).to(t.dtype)
 
     write_changed_copy(src, dst, change)
+
+
+# name -> (text of the demo's M2 template, what the degraded copy has instead)
+TEMPLATE_CHANGES = {
+    "sorted-tool-keys": ("| tojson ~ '</tool>", "| tojson(sort_keys=True) ~ '</tool>"),
+    "no-system-prompt": ("(system_text or 'You are a helpful assistant.')", "'You are a helpful assistant.'"),
+    "second-bos": ("{{- ']~!b[' ~ ']~b]system", "{{- ']~!b[' ~ ']~!b[' ~ ']~b]system"),
+}
+
+
+def write_template_variant(src: Path, dst: Path, change: str) -> None:
+    """A copy of the checkpoint folder whose chat_template.jinja has one of TEMPLATE_CHANGES."""
+    src, dst = Path(src), Path(dst)
+    old, new = TEMPLATE_CHANGES[change]
+    template = (src / "chat_template.jinja").read_text(encoding="utf-8")
+    if template.count(old) != 1:
+        raise ValueError(f"{src}: the chat template has not exactly one {old!r} to change")
+    shutil.copytree(src, dst)
+    (dst / "chat_template.jinja").write_text(template.replace(old, new), encoding="utf-8")
 
 
 if __name__ == "__main__":

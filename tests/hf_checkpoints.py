@@ -25,14 +25,15 @@ SHAPES = {
 }
 
 
-def build_hf_model(shape: dict, seed: int = 0, vocab_size: int = 211):
+def build_hf_model(shape: dict, seed: int = 0, vocab_size: int = 211, bos_token_id: int = 1, eos_token_id: int = 2,
+                   max_position_embeddings: int = 512):
     from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
 
     # transformers 5.17 (the GPU image's) ignores the legacy rotary_dim and rotates every dim; partial_rotary_factor
     # means the same in every 5.x, so the reference keeps partial RoPE whichever transformers runs it
     rope = {"partial_rotary_factor": shape["rotary_dim"] / shape["head_dim"]} if "rotary_dim" in shape else {}
-    cfg = MiniMaxM2Config(vocab_size=vocab_size, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                          pad_token_id=None, **shape, **rope)
+    cfg = MiniMaxM2Config(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
+                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=None, **shape, **rope)
     torch.manual_seed(seed)
     model = MiniMaxM2ForCausalLM(cfg).float().eval()
     gen = torch.Generator().manual_seed(seed)
@@ -57,6 +58,24 @@ def save_hf_checkpoint(model, folder: Path, dtype: torch.dtype = torch.float32, 
         layer.mlp.e_score_correction_bias.data = layer.mlp.e_score_correction_bias.data.float()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def save_chat_checkpoint(shape: str, folder: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A transformers-saved model that can chat: the random demo's byte-level BPE tokenizer, M2 special tokens and
+    chat template beside weights of `shape` with a vocabulary the tokenizer's size (so every id is a token)."""
+    from moerun.runtime import demo
+
+    tokenizer_json, ids = demo.build_tokenizer_json()
+    bos, eos = ids[demo.BOS], ids[demo.EOS]
+    model = build_hf_model(SHAPES[shape], seed, vocab_size=len(ids), bos_token_id=bos, eos_token_id=eos,
+                           max_position_embeddings=4096)  # the longest probes with tool schemas are ~900 tokens
+    folder = save_hf_checkpoint(model, folder, dtype)
+    (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(demo._tokenizer_config(ids)), encoding="utf-8")
+    (folder / "chat_template.jinja").write_text(demo.CHAT_TEMPLATE, encoding="utf-8")
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "bos_token_id": bos, "eos_token_id": eos}))
     return folder
 
 

@@ -161,6 +161,7 @@ def test_bad_inputs_are_one_line_before_any_hashing(checkpoint, tmp_path, capsys
     from moerun.runtime.commands import fingerprint as command
 
     monkeypatch.setattr(command, "fingerprint_folder", lambda *a, **k: pytest.fail("hashed despite bad input"))
+    same = write_yaml({"backend": "cpu", "model": {"path": str(checkpoint), "dtype": "float32"}}, "same.yaml")
     cases = [
         (["fingerprint", str(checkpoint), "--out", str(tmp_path / "nowhere" / "m.json")], "folder"),
         (["fingerprint", str(checkpoint), "--out", str(tmp_path)], "--out"),
@@ -168,6 +169,10 @@ def test_bad_inputs_are_one_line_before_any_hashing(checkpoint, tmp_path, capsys
         (["fingerprint", str(checkpoint)], "--out"),
         (["fingerprint", str(checkpoint), "--out", str(tmp_path / "m.json"), "--probes-config",
           str(write_yaml({"backend": "cpu", "model": {"path": "builtin:demo"}}))], "not the fingerprinted"),
+        (["fingerprint", str(checkpoint), "--out", str(tmp_path / "m.json"), "--floor-config", str(same)],
+         "--floor-config needs"),
+        (["fingerprint", str(checkpoint), "--out", str(tmp_path / "m.json"), "--probes-config", str(same),
+          "--floor-config", str(same)], "the probes configuration itself"),
     ]
     for argv, fragment in cases:
         assert main(argv) == 2, argv
@@ -234,7 +239,7 @@ def test_fingerprinting_streams_under_a_memory_limit_below_the_checkpoint_size(t
 def test_reference_probes_from_a_trusted_configuration(tmp_path, capsys):
     """Probes through the demo checkpoint's own template: the greedy continuation (decode path) agrees with the
     top-1 of the teacher-forced logprobs (prefill path) at every generated position."""
-    from moerun.runtime.probe_set import PROBES
+    from moerun.runtime.probe_set import ANSWER_CASES, PROBES, TEMPLATE_CASES
     from moerun.runtime.tokenizer import Tokenizer
     from moerun.runtime.trained_demo import trained_demo_folder
 
@@ -242,7 +247,8 @@ def test_reference_probes_from_a_trusted_configuration(tmp_path, capsys):
     config = tmp_path / "trusted.yaml"
     config.write_text("backend: cpu\nmodel: {path: 'builtin:demo', dtype: float32}\n")
     out = tmp_path / "m.json"
-    assert main(["fingerprint", str(folder), "--out", str(out), "--probes-config", str(config), "--probe-tokens", "3"]) == 0
+    assert main(["fingerprint", str(folder), "--out", str(out), "--probes-config", str(config), "--probe-tokens", "3",
+                 "--answer-tokens", "2"]) == 0
     manifest = json.loads(out.read_text())
     probes = manifest["probes"]
     assert probes["configuration"]["backend"] == "cpu" and probes["configuration"]["dtype"] == "float32"
@@ -258,4 +264,17 @@ def test_reference_probes_from_a_trusted_configuration(tmp_path, capsys):
             assert case["top_ids"][len(prompt) - 1 + i][0] == token, (case["name"], i)
         row = case["top_logprobs"][-1]
         assert row == sorted(row, reverse=True) and sum(2.718281828 ** v for v in row) <= 1 + 1e-5
+    # The floor: the trusted config in bfloat16 on the same tokens, its rows aligned with the reference's.
+    floor = probes["floor"]
+    assert floor["configuration"]["dtype"] == "bfloat16" and [c["name"] for c in floor["cases"]] == [
+        c["name"] for c in probes["cases"]]
+    rows = [(ref, flo) for case, fc in zip(probes["cases"], floor["cases"])
+            for ref, flo in zip(case["top_ids"], fc["top_ids"])]
+    assert len(rows) == sum(len(c["top_ids"]) for c in probes["cases"]) == sum(len(c["top_ids"]) for c in floor["cases"])
+    assert 0.8 < sum(ref[0] == flo[0] for ref, flo in rows) / len(rows) < 1  # bf16 rounding moves some, not most
+    assert [c["name"] for c in probes["template"]] == [c["name"] for c in TEMPLATE_CASES]
+    assert all(c["prompt_tokens"] > 10 for c in probes["template"])
+    answers = probes["answers"]
+    assert answers["max_tokens"] == 2 and [c["name"] for c in answers["cases"]] == [c["name"] for c in ANSWER_CASES]
+    assert all(c["reference"]["finish"] in ("stop", "length") for c in answers["cases"])
     assert main(["fingerprint", "--check", str(folder), str(out)]) == 0  # probes do not enter the digest

@@ -4,6 +4,7 @@ probes), or check a checkpoint against one."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -13,10 +14,9 @@ import click
 
 from moerun.backends.errors import CheckpointError, MoerunError
 from moerun.runtime.commands.common import ByteProgress, check_output_path, load_engine, write_atomically
-from moerun.runtime.fingerprint import Fingerprint, compare, fingerprint as fingerprint_folder
+from moerun.runtime.fingerprint import Fingerprint, compare, fingerprint as fingerprint_folder, read_manifest
+from moerun.runtime.answer_probes import ANSWER_TOKENS
 from moerun.runtime.probes import PROBE_TOKENS
-
-_MAX_MANIFEST = 1 << 30  # a manifest of the 230B release with probes is ~30 MB
 
 
 @click.command()
@@ -26,37 +26,40 @@ _MAX_MANIFEST = 1 << 30  # a manifest of the 230B release with probes is ~30 MB
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Where to write the manifest (JSON).")
 @click.option("--probes-config", type=click.Path(dir_okay=False), default=None,
               help="YAML of a trusted configuration of this checkpoint: add its reference probes to the manifest.")
+@click.option("--floor-config", type=click.Path(dir_okay=False), default=None,
+              help="YAML of a second faithful configuration, whose distance to the probes is the floor verify judges "
+                   "by [default: the probes config in bfloat16, or in float32 when that is bfloat16/float16].")
 @click.option("--probe-tokens", type=click.IntRange(1, 4096), default=PROBE_TOKENS, show_default=True,
               help="Greedy tokens per probe.")
+@click.option("--answer-tokens", type=click.IntRange(1, 65536), default=ANSWER_TOKENS, show_default=True,
+              help="Tokens per reference answer to the tool and reasoning prompts (verify asks the endpoint as many).")
 @click.option("--threads", type=click.IntRange(0, 256), default=0, help="Shards hashed in parallel (0: one per core).")
-def fingerprint(checkpoint, manifest, check, out, probes_config, probe_tokens, threads):
+def fingerprint(checkpoint, manifest, check, out, probes_config, floor_config, probe_tokens, answer_tokens, threads):
     """Hash every tensor and the config, tokenizer and chat template files of CHECKPOINT.
 
-    moerun fingerprint CHECKPOINT --out manifest.json [--probes-config trusted.yaml]
+    moerun fingerprint CHECKPOINT --out manifest.json [--probes-config trusted.yaml [--floor-config faithful.yaml]]
 
     moerun fingerprint --check CHECKPOINT manifest.json"""
     folder = Path(checkpoint)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
     if check:
-        if manifest is None or out is not None or probes_config is not None:
-            raise MoerunError("--check takes CHECKPOINT and MANIFEST (no --out, no --probes-config)")
+        if manifest is None or out is not None or probes_config is not None or floor_config is not None:
+            raise MoerunError("--check takes CHECKPOINT and MANIFEST (no --out, no --probes-config, no --floor-config)")
         _check(folder, Path(manifest), threads)
         return
     if manifest is not None or out is None:
         raise MoerunError("give --out MANIFEST to write a manifest, or --check CHECKPOINT MANIFEST to check one")
     out_path = check_output_path(out)
-    probe_run = _probe_run(probes_config, folder) if probes_config else None
+    probe_run, floor_run = _probe_runs(probes_config, floor_config, folder) if probes_config else (None, None)
+    if floor_config and not probes_config:
+        raise MoerunError("--floor-config needs --probes-config (the floor is measured on the trusted probes)")
 
     fp = _hash(folder, threads)
     data = fp.to_json()
     head = {"format": data.pop("format"), "digest": data.pop("digest"), "checkpoint": str(folder.resolve())}
     if probe_run is not None:
-        engine = load_engine(probe_run, label="loading probes config")
-        from moerun.runtime.probes import record_probes
-
-        data["probes"] = record_probes(engine, probes_config, probe_tokens)
-        del engine
+        data["probes"] = _record(probe_run, probes_config, floor_run, floor_config, probe_tokens, answer_tokens)
     data = {**head, **data}
     data["tensors"] = data.pop("tensors")  # last: the long part
     write_atomically(out_path, lambda f: f.write(format_manifest(data).encode()))
@@ -66,21 +69,41 @@ def fingerprint(checkpoint, manifest, check, out, probes_config, probe_tokens, t
                f"{fp.chat_template_source or 'none'}{probes}\ndigest {fp.digest}\nwrote {out_path}")
 
 
+def _record(probe_run, probes_source: str, floor_run, floor_source: str | None, probe_tokens: int,
+            answer_tokens: int) -> dict:
+    """The probes, template counts and reference answers from the trusted configuration, then the floor from the
+    second one: one engine alive at a time."""
+    from moerun.runtime.answer_probes import engine_completion, record_answers, record_template_counts
+    from moerun.runtime.probes import record_floor, record_probes
+
+    engine = load_engine(probe_run, label="loading probes config")
+    probes = record_probes(engine, probes_source, probe_tokens)
+    probes["template"] = record_template_counts(engine.tokenizer)
+    probes["answers"] = record_answers(engine.tokenizer, engine_completion(engine), answer_tokens)
+    del engine
+    engine = load_engine(floor_run, label="loading floor config")
+    probes["floor"] = record_floor(engine, floor_source or f"{probes_source} in {floor_run.dtype_name}",
+                                   probes["cases"])
+    return probes
+
+
+def other_precision(run):
+    """The trusted configuration one precision step away: bfloat16 under a float32 or float64 one (the precision
+    deployments serve in), float32 under a 16-bit one. Either way the floor is a 16-bit run's distance to a
+    wider one, the rounding a faithful 16-bit deployment brings."""
+    import torch
+
+    return dataclasses.replace(run, dtype=torch.bfloat16 if run.dtype.itemsize >= 4 else torch.float32,
+                               source=f"{run.source} (floor: other precision)")
+
+
 def _hash(folder: Path, threads: int) -> Fingerprint:
     with contextlib.ExitStack() as stack:
         return fingerprint_folder(folder, threads, ByteProgress(stack, "hashing"))
 
 
 def _check(folder: Path, manifest: Path, threads: int) -> None:
-    if not manifest.is_file():
-        raise MoerunError(f"{manifest}: manifest not found (or not a regular file)")
-    if manifest.stat().st_size > _MAX_MANIFEST:
-        raise MoerunError(f"{manifest}: {manifest.stat().st_size} bytes is too large for a manifest")
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoerunError(f"{manifest}: not valid JSON ({e})") from None
-    expected = Fingerprint.from_json(data, str(manifest))
+    expected = Fingerprint.from_json(read_manifest(manifest), str(manifest))
     actual = _hash(folder, threads)
     differences = compare(expected, actual)
     for line in differences:
@@ -94,15 +117,29 @@ def _check(folder: Path, manifest: Path, threads: int) -> None:
                f"({actual.digest})")
 
 
-def _probe_run(probes_config: str, folder: Path):
-    """The trusted configuration, checked (YAML, checkpoint, backend) before any hashing; it must run this very
+def _probe_runs(probes_config: str, floor_config: str | None, folder: Path):
+    """The trusted configuration and the floor's, both checked before any hashing."""
+    from moerun.runtime.preflight import check_configuration
+
+    probe_run = _probe_run(probes_config, "--probes-config", folder)
+    if floor_config is None:
+        return probe_run, check_configuration(other_precision(probe_run)).run
+    floor_run = _probe_run(floor_config, "--floor-config", folder)
+    if dataclasses.replace(floor_run, source="") == dataclasses.replace(probe_run, source=""):
+        raise MoerunError(f"--floor-config: {floor_config} is the probes configuration itself; the floor needs a "
+                          f"second one (another dtype or backend)")
+    return probe_run, floor_run
+
+
+def _probe_run(config: str, option: str, folder: Path):
+    """A configuration to probe, checked (YAML, checkpoint, backend) before any hashing; it must run this very
     checkpoint."""
     from moerun.runtime.preflight import check_configuration
     from moerun.runtime.run_config import load_run_config
 
-    checked = check_configuration(load_run_config(probes_config))
+    checked = check_configuration(load_run_config(config))
     if not os.path.samefile(checked.folder, folder):
-        raise MoerunError(f"--probes-config: {probes_config} runs {checked.folder}, not the fingerprinted {folder}")
+        raise MoerunError(f"{option}: {config} runs {checked.folder}, not the fingerprinted {folder}")
     return checked.run
 
 
