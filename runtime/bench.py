@@ -74,6 +74,8 @@ class Plan:
     prefill_tokens: int
     steps: int
     warmup: int
+    prefill_steps: int  # the full model's 8k prefill takes seconds, so half the runs; a miniature's takes all
+    prefill_warmup: int
     fp8: bool
     compare: str | None
 
@@ -388,7 +390,7 @@ class Bench:
         steps = {"moerun": self._step(model.forward, inputs)}
         if peer is not None:
             steps |= {PEER + v: s for v, s in peer.prefill_steps(prompt).items()}
-        times = time_interleaved(steps, backend, plan.warmup // 2, max(1, plan.steps // 2))
+        times = time_interleaved(steps, backend, plan.prefill_warmup, plan.prefill_steps)
         agreement = logits_agreement(steps)
         seconds = statistics.median(times["moerun"])
         flops = prefill_flops(self.cfg, plan.prefill_tokens)
@@ -463,7 +465,8 @@ def report(result: dict[str, Any]) -> str:
              f"weights {model['weights']}, dtype {model['dtype']}",
              f"copy bandwidth {m['copy_bandwidth_gb_s']:.1f} GB/s (read + write)   "
              f"{model['dtype']} matmul {m['matmul_tflops']:.4g} TFLOP/s",
-             f"each figure: the median of {result['plan']['steps']} interleaved runs (min-max beside it)", ""]
+             f"each figure: the median of {result['plan']['steps']} interleaved runs, prefill "
+             f"{result['plan']['prefill_steps']} (min-max beside it)", ""]
     decode = result["decode"]
     eager = any("moerun_eager" in d for d in decode)
     compare = "transformers" in result
@@ -542,8 +545,8 @@ def _variants(text: str) -> tuple[str, ...]:
 @click.option("--prefill-tokens", type=click.IntRange(0), default=None,
               help="Prefill length, 0 for no prefill [8192; small: 256].")
 @click.option("--steps", type=click.IntRange(1), default=None,
-              help="Timed runs per measurement, interleaved [20; small: 15] (prefill: half of them).")
-@click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed runs first [5; small: 3] (prefill: half of them).")
+              help="Timed runs per measurement, interleaved [20; small: 25] (full-size prefill: half of them).")
+@click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed runs first [5; small: 3] (full-size prefill: half of them).")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Host threads for torch, set for the whole run [default: torch's own choice, pinned].")
 @click.option("--fp8", is_flag=True, help="Synthetic weights in the M2 release's FP8 block format (128x128, e4m3).")
@@ -590,8 +593,10 @@ def _bench(run: RunConfig, small, layers, batches, context, prefill_tokens, step
     plan = Plan(small=small, layers=0, batches=_ints(batches, "--batches") if batches else default_batches,
                 context=context or (64 if small else 2048),
                 prefill_tokens=prefill_tokens if prefill_tokens is not None else (256 if small else 8192),
-                steps=steps or (15 if small else 20), warmup=warmup if warmup is not None else (3 if small else 5),
-                fp8=fp8, compare=compare)
+                steps=steps or (25 if small else 20), warmup=warmup if warmup is not None else (3 if small else 5),
+                prefill_steps=0, prefill_warmup=0, fp8=fp8, compare=compare)
+    plan.prefill_steps = plan.steps if small else max(1, plan.steps // 2)
+    plan.prefill_warmup = plan.warmup if small else plan.warmup // 2
     dims = SMALL if small else M2
     if layers:
         plan.layers, reason = min(layers, dims["num_layers"]), "--layers"

@@ -28,7 +28,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path, capsys):
     assert [d["batch"] for d in result["decode"]] == [1, 8, 64]
     for row in [*result["decode"], result["prefill"]]:
         ours = row["moerun"]
-        assert ours["samples"] == (4 if "batch" in row else 2) and ours["min_ms"] <= ours["median_ms"] <= ours["max_ms"]
+        assert ours["samples"] == 4 and ours["min_ms"] <= ours["median_ms"] <= ours["max_ms"]  # a miniature prefills every run
         assert set(row["transformers"]) == {"dynamic", "static"} and row["transformers_fastest"] in row["transformers"]
         best = row["transformers"][row["transformers_fastest"]]["median_ms"]
         assert row["speedup"] == pytest.approx(best / ours["median_ms"])
