@@ -7,9 +7,9 @@ transformers sets it up (same Jinja options, same `tojson`). Plain Jinja's `tojs
 Templates come with downloaded checkpoints: they are untrusted code. Jinja's sandbox keeps them from Python's
 internals, but not from running forever or building a gigabyte string, and any exception (ZeroDivisionError,
 RecursionError, OverflowError...) would escape as a traceback. So rendering here is bounded:
-- time: a watchdog thread interrupts compiling or rendering past MAX_RENDER_SECONDS (an exception delivered
-  into the rendering thread between two bytecodes, so a loop with an empty body stops too, at no cost while
-  the template runs);
+- time: compiling and rendering run in a thread of their own, which a watchdog interrupts past
+  MAX_RENDER_SECONDS (an exception delivered between two bytecodes, so a loop with an empty body stops too, at
+  no cost while the template runs, and raised again until the thread ends);
 - size: every value the template builds (operators, `~`, calls, filters, attributes, namespace assignments)
   and the rendered text are held to MAX_TEMPLATE_CHARS characters, counting nested lists and dicts as written
   out (so `[x, x]` nested 60 times cannot become a 2**60-character string), and the operations that turn a small
@@ -24,6 +24,7 @@ import functools
 import json
 import re
 import threading
+import time
 from datetime import datetime
 from typing import Any
 
@@ -84,57 +85,51 @@ def _render(template: jinja2.Template, context: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-class _OutOfTime(BaseException):
-    """Raised into the template's thread by the watchdog; a BaseException so no `except Exception` inside
-    Jinja or a filter swallows it."""
+class _OutOfTime(SystemExit):
+    """Raised into the template's thread by the watchdog. A BaseException, so no `except Exception` inside Jinja
+    or a filter swallows it; a SystemExit, so one landing as that thread ends is dropped silently by threading."""
+
+
+STOP_GRACE_SECONDS = 1.0  # past the deadline, how long the watchdog keeps raising before the caller gives up
 
 
 def _within_time_limit(fn, *args):
-    watchdog = None
-    try:
+    """fn(*args) in a thread of its own, which the watchdog stops past MAX_RENDER_SECONDS.
+
+    The stop is an exception raised into that thread between two bytecodes (so an empty loop stops too). CPython
+    drops such an exception when it lands in a weakref callback or a __del__ ("Exception ignored in..."), so the
+    watchdog raises it again until the thread ends; running fn in its own thread is what makes that safe: a late
+    exception can only land in the thread it was meant for, never in the caller's code after the render. (Work
+    spending nearly all its time inside such callbacks would lose every stop; a sandboxed template cannot define
+    one, and those it may trigger, in garbage collection, are brief.) A
+    thread stuck in a single C call (bounded by the size checks) cannot be interrupted: the caller is released
+    after STOP_GRACE_SECONDS all the same, and the daemon thread ends when the call does."""
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
         try:
-            watchdog = _Watchdog(MAX_RENDER_SECONDS)  # inside: its exception may land while its timer starts
-            return fn(*args)
-        finally:
-            if watchdog is not None:
-                watchdog.stop()
-    except _OutOfTime:
+            outcome["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 (handed to the caller, which reports it)
+            outcome["error"] = e
+
+    thread = threading.Thread(target=work, name="chat-template", daemon=True)
+    thread.start()
+    thread.join(MAX_RENDER_SECONDS)
+    if thread.is_alive():
+        give_up = time.monotonic() + STOP_GRACE_SECONDS
+        while thread.is_alive() and time.monotonic() < give_up:
+            _raise_in_thread(thread.ident, _OutOfTime)
+            thread.join(0.02)
         raise TemplateFailure(f"still running after {MAX_RENDER_SECONDS:g} s: a loop that does not end, "
-                              f"or far too much work") from None
+                              f"or far too much work")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
-class _Watchdog:
-    """Raises _OutOfTime in the calling thread once `seconds` have passed, unless stopped first. The lock makes
-    "stopped" and "fired" exclusive, and stop() withdraws an exception fired but not yet delivered, so nothing
-    reaches the caller after it returns."""
-
-    def __init__(self, seconds: float) -> None:
-        self._thread_id = threading.get_ident()
-        self._lock = threading.Lock()
-        self._done = self._fired = False
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _fire(self) -> None:
-        with self._lock:
-            if not self._done:
-                self._fired = True
-                _raise_in_thread(self._thread_id, _OutOfTime)
-
-    def stop(self) -> None:
-        self._timer.cancel()
-        with self._lock:
-            self._done = True
-            if self._fired:
-                _raise_in_thread(self._thread_id, None)
-
-
-def _raise_in_thread(thread_id: int, exception: type[BaseException] | None) -> None:
-    """CPython's PyThreadState_SetAsyncExc: `exception` is raised in that thread at its next bytecode (None
-    withdraws a pending one)."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
-                                               ctypes.py_object(exception) if exception else None)
+def _raise_in_thread(thread_id: int, exception: type[BaseException]) -> None:
+    """CPython's PyThreadState_SetAsyncExc: `exception` is raised in that thread at its next bytecode."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exception))
 
 
 class BoundedSandbox(ImmutableSandboxedEnvironment):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 
 import pytest
 from bad_input import assert_one_line, run_cli
@@ -119,6 +121,49 @@ def test_the_watchdog_never_fires_after_a_render_returns(monkeypatch):
             outcomes.add("stopped")
         sum(range(5000))  # bytecodes after the render, where a late exception would land
     assert outcomes <= {True, "stopped"}
+
+
+def _stubborn(stops_to_drop: int, ended: threading.Event, release: threading.Event):
+    """Work that loses its first `stops_to_drop` stops, as CPython loses one that lands in a weakref callback or a
+    __del__ ("Exception ignored in ..."), and ends at the next (or when released)."""
+    def work():
+        dropped = 0
+        try:
+            while not release.is_set():
+                try:
+                    while not release.is_set():
+                        sum(range(100))
+                except chat_template._OutOfTime:
+                    dropped += 1
+                    if dropped > stops_to_drop:
+                        raise
+        finally:
+            ended.set()
+    return work
+
+
+def test_a_lost_stop_is_raised_again(monkeypatch):
+    monkeypatch.setattr(chat_template, "MAX_RENDER_SECONDS", 0.2)
+    fired, ended, release = [], threading.Event(), threading.Event()
+    raise_in_thread = chat_template._raise_in_thread
+    monkeypatch.setattr(chat_template, "_raise_in_thread", lambda *a: (fired.append(1), raise_in_thread(*a)))
+    with pytest.raises(TemplateFailure, match="still running after 0.2 s"):
+        chat_template._within_time_limit(_stubborn(3, ended, release))
+    assert ended.wait(5) and len(fired) >= 4
+
+
+def test_the_caller_is_released_when_the_work_cannot_be_stopped(monkeypatch):
+    monkeypatch.setattr(chat_template, "MAX_RENDER_SECONDS", 0.2)
+    ended, release = threading.Event(), threading.Event()
+    start = time.monotonic()
+    try:
+        with pytest.raises(TemplateFailure, match="still running after 0.2 s"):
+            chat_template._within_time_limit(_stubborn(10**9, ended, release))
+        assert time.monotonic() - start < 0.2 + chat_template.STOP_GRACE_SECONDS + 1.0
+        assert not ended.is_set()  # it really was still running when the caller went on
+    finally:
+        release.set()
+    assert ended.wait(5)
 
 
 def test_reasoning_and_tool_tags_survive_decoding_when_marked_special(demo_folder, tmp_path):
