@@ -4,7 +4,6 @@ with a progress bar, checked flags and token ids, tables, and output files check
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import stat
@@ -14,15 +13,17 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import click
 
 from moerun.backends.errors import MoerunError
 from moerun.runtime.files import file_kind, is_dir
-from moerun.runtime.model_config import ModelConfig, load_model_config
 from moerun.runtime.run_config import RunConfig, load_run_config
 from moerun.runtime.table import format_table
+
+if TYPE_CHECKING:
+    from moerun.runtime.target import Target
 
 MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 
@@ -31,30 +32,11 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("moerun.configs") / "demo.yaml"))
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A run config with its checkpoint folder and model config: all a command checks a request against
-    before it spends time loading weights."""
-
-    run: RunConfig
-    folder: Path
-    config: ModelConfig
-
-    @property
-    def limits(self):
-        from moerun.runtime.limits import RequestLimits
-
-        return RequestLimits.of(self.run, self.config)
-
-
 def load_target(config: str | None) -> Target:
-    """The config file (the embedded demo when None), its checkpoint folder (the random demo is built on first use)
-    and that folder's config.json, each checked."""
-    from moerun.runtime.engine import resolve_model_folder
+    """The target of a YAML file (the embedded demo when None), checked up to its config.json."""
+    from moerun.runtime.target import target_of
 
-    run = load_run_config(demo_config_path() if config is None else config)
-    folder = resolve_model_folder(run.model_path)
-    return Target(run, folder, load_model_config(folder))
+    return target_of(load_run_config(demo_config_path() if config is None else config))
 
 
 def load_engine(target: Target | RunConfig | str | None, num_layers: int | None = None, label: str = "loading"):
@@ -66,6 +48,7 @@ def load_engine(target: Target | RunConfig | str | None, num_layers: int | None 
     or not."""
     from moerun.runtime.engine import Engine
     from moerun.runtime.launch import launch_env
+    from moerun.runtime.target import Target
 
     if isinstance(target, Target):
         run = target.run
@@ -179,6 +162,3 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None], option: str 
         Path(tmp).unlink(missing_ok=True)
         raise
 
-
-def write_npy_atomically(path: Path, array: np.ndarray) -> None:
-    write_atomically(path, lambda f: np.save(f, array))

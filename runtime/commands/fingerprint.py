@@ -119,11 +119,11 @@ def _check(folder: Path, manifest: Path, threads: int) -> None:
 
 def _probe_runs(probes_config: str, floor_config: str | None, folder: Path):
     """The trusted configuration and the floor's, both checked before any hashing."""
-    from moerun.runtime.preflight import check_configuration
+    from moerun.runtime.target import checked_target
 
     probe_run = _probe_run(probes_config, "--probes-config", folder)
     if floor_config is None:
-        return probe_run, check_configuration(other_precision(probe_run)).run
+        return probe_run, checked_target(other_precision(probe_run)).run
     floor_run = _probe_run(floor_config, "--floor-config", folder)
     if dataclasses.replace(floor_run, source="") == dataclasses.replace(probe_run, source=""):
         raise MoerunError(f"--floor-config: {floor_config} is the probes configuration itself; the floor needs a "
@@ -134,10 +134,10 @@ def _probe_runs(probes_config: str, floor_config: str | None, folder: Path):
 def _probe_run(config: str, option: str, folder: Path):
     """A configuration to probe, checked (YAML, checkpoint, backend) before any hashing; it must run this very
     checkpoint."""
-    from moerun.runtime.preflight import check_configuration
+    from moerun.runtime.target import checked_target
     from moerun.runtime.run_config import load_run_config
 
-    checked = check_configuration(load_run_config(config))
+    checked = checked_target(load_run_config(config))
     if not os.path.samefile(checked.folder, folder):
         raise MoerunError(f"{option}: {config} runs {checked.folder}, not the fingerprinted {folder}")
     return checked.run

@@ -51,7 +51,7 @@ def parity(configs, token_ids, prompts, k, epsilon, top1_margin, hp_dtype, max_a
     checkpoint (cpu backend, float32 or float64) measures how far the reference itself is from exact arithmetic,
     and the candidate passes when it is about as close to HP (docs/fidelity.md)."""
     from moerun.runtime.launch import launch_env
-    from moerun.runtime.preflight import check_configuration
+    from moerun.runtime.target import checked_target
     from moerun.runtime.run_config import load_run_config
 
     if launch_env().world_size > 1:
@@ -72,7 +72,7 @@ def parity(configs, token_ids, prompts, k, epsilon, top1_margin, hp_dtype, max_a
     runs = [load_run_config(c) for c in configs]
     if not fixed:
         runs.insert(0, high_precision_run(runs[0], hp_dtype))
-    checked = [check_configuration(run) for run in runs]
+    checked = [checked_target(run) for run in runs]
     vocab = {c.config.vocab_size for c in checked}
     if len(vocab) > 1:
         raise MoerunError(f"the configs have different vocabularies ({', '.join(str(c.config.vocab_size) for c in checked)})")
