@@ -111,13 +111,19 @@ def check_kv_blocks(run: RunConfig, backend: Backend, num_blocks: int, weights: 
         f"scheduler.max_num_batched_tokens, or check `moerun plan`")
 
 
+def check_weights(backend: Backend, plan: ShardPlan, num_layers: int, weights: int, free: int | None) -> None:
+    """Refuse weights (`weights` bytes, as the loader will hold them on this rank) that cannot fit in the `free`
+    bytes, before any weight is read or the KV cache is sized beside them."""
+    share = f" (rank {plan.rank}'s share: {plan.describe()})" if plan.world_size > 1 else ""
+    fits_in(f"the weights of {count(num_layers, 'layer')}{share}", weights, free, backend.device, FEWER_LAYERS)
+
+
 def check_memory(run: RunConfig, backend: Backend, cfg: ModelConfig, plan: ShardPlan, num_layers: int,
                  num_blocks: int, block_size: int, weights: int, free: int | None) -> None:
-    """Refuse weights (`weights` bytes, as the loader will hold them on this rank) or a KV cache that cannot fit
-    beside them in the `free` bytes, before any weight is read."""
+    """Refuse a KV cache that cannot fit beside the weights (already checked alone) in the `free` bytes, before
+    any weight is read."""
     if free is None:
         return
-    fits_in(f"the weights of {count(num_layers, 'layer')}", weights, free, backend.device, FEWER_LAYERS)
     kv = kv_cache_bytes(cfg, plan, num_layers, num_blocks, block_size, run.dtype_name)
     if weights + kv <= free:
         return

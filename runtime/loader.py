@@ -35,7 +35,7 @@ from moerun.runtime.checkpoint import TORCH_DTYPES, Checkpoint
 from moerun.runtime.load_workers import STAGING_BYTES, load_workers
 from moerun.runtime.m2_tensors import (LINEAR, ROUTER, ROUTER_BIAS, M2Tensor, all_tensors, expert_tensors,
                                        layer_prefix, layer_tensors, model_tensors)
-from moerun.runtime.memory import allocating, check_fits, count, format_bytes, tensor_bytes
+from moerun.runtime.memory import allocating, count, format_bytes, tensor_bytes
 from moerun.runtime.model_config import ModelConfig
 from moerun.runtime.shard_plan import ShardPlan
 from moerun.runtime.weights import LayerWeights, ModelWeights, tensors
@@ -170,12 +170,10 @@ class WeightLoader:
 
     def load(self, num_layers: int, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
         """progress(bytes_read, bytes_total) of the checkpoint, as tensors are read."""
-        validate_checkpoint(self.ckpt, self.cfg, num_layers)
+        validate_checkpoint(self.ckpt, self.cfg, num_layers)  # whether they fit was checked before (limits)
         share = f" (rank {self.plan.rank}'s share: {self.plan.describe()})" if self.plan.world_size > 1 else ""
-        weights = f"the weights of {count(num_layers, 'layer')}{share}"
-        need = self.weight_bytes(num_layers)
-        check_fits(weights, need, self.backend, FEWER_LAYERS)
-        self._advice = f"{weights} need {format_bytes(need)} in all: {FEWER_LAYERS}"
+        self._advice = (f"the weights of {count(num_layers, 'layer')}{share} need "
+                        f"{format_bytes(self.weight_bytes(num_layers))} in all: {FEWER_LAYERS}")
         total = sum(self._bytes_to_read(t, part) for t, part in self._parts(num_layers))
         self.bytes_read = 0
 

@@ -19,7 +19,7 @@ from moerun.runtime import step_broadcast
 from moerun.runtime.checkpoint import Checkpoint
 from moerun.runtime.kv_cache import allocate_kv_caches
 from moerun.runtime.launch import place
-from moerun.runtime.limits import check_kv_blocks, check_memory, kv_blocks_that_fit, max_model_len
+from moerun.runtime.limits import check_kv_blocks, check_memory, check_weights, kv_blocks_that_fit, max_model_len
 from moerun.runtime.loader import WeightLoader
 from moerun.runtime.memory import memory_free
 from moerun.runtime.model import MiniMaxM2Model
@@ -64,6 +64,7 @@ class ModelRunner:
         loader = WeightLoader(Checkpoint(folder), cfg, backend, plan)
         weights = loader.weight_bytes(num_layers)  # this rank's share
         free = memory_free(backend)  # one reading, before loading: the cache is sized from it and checked against it
+        check_weights(backend, plan, num_layers, weights, free)
         self.num_blocks = run.kv_num_blocks or self._blocks_that_fit(run, num_layers, weights, free)
         check_memory(run, backend, cfg, plan, num_layers, self.num_blocks, block_size, weights, free)
         # A scheduler.max_model_len the cache cannot hold is refused here, before loading.
