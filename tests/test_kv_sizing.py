@@ -66,3 +66,11 @@ def test_max_model_len_the_sized_cache_cannot_hold_is_refused_before_loading(hf_
     monkeypatch.setattr(model_runner.WeightLoader, "load", lambda *a: pytest.fail("loaded before refusing"))
     with pytest.raises(ConfigError, match="512 tokens do not fit the KV cache .* what fits in kv_cache.memory_fraction"):
         Engine.from_config(write_yaml(sized_yaml(folder, max_model_len=512)))
+
+
+def test_weights_that_do_not_fit_are_named_before_the_cache_is_sized(hf_checkpoint, write_yaml, monkeypatch):
+    folder, _ = hf_checkpoint("gqa4_half_rope", torch.float32)
+    free_memory_of(monkeypatch, WEIGHTS - 1)
+    monkeypatch.setattr(model_runner.WeightLoader, "load", lambda *a: pytest.fail("loaded before refusing"))
+    with pytest.raises(ResourceError, match=f"the weights of 2 layers need {WEIGHTS / 1e6:.1f} MB on cpu"):
+        Engine.from_config(write_yaml(sized_yaml(folder)))
