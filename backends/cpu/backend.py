@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
 import torch
 
 from moerun.backends.base import (
-    AttentionMetadata, Backend, Capabilities, ExpertWeights, LinearWeight, W8A8ExpertWeights, W8A8LinearWeight)
+    AttentionMetadata, Backend, Capabilities, LinearWeight, W8A8ExpertWeights, W8A8LinearWeight)
 from moerun.backends.cpu import ops, w8a8
 from moerun.backends.errors import ConfigError, shown
 
@@ -59,17 +58,8 @@ class CpuBackend(Backend):
     def prepare_linear(self, w: LinearWeight | W8A8LinearWeight):
         return w if isinstance(w, W8A8LinearWeight) else w.weight
 
-    def empty_experts(self, num_experts, hidden_size, intermediate_size, dtype, device):
-        # torch's grouped matmul reads x @ w[e]^T about 1.8x faster from this layout than through a transposed
-        # view of [E, out, in] (one thread, float32, skinny decode-sized groups), so the loader fills it directly.
-        return ExpertWeights.empty_transposed(num_experts, hidden_size, intermediate_size, dtype, device)
-
     def prepare_experts(self, w):
-        if isinstance(w, W8A8ExpertWeights):
-            return w
-        # Stacks from empty_experts are kept as they are (built on the host, this backend's device); others (the
-        # bench's synthetic weights, tests) are copied once into that layout.
-        return dataclasses.replace(w, w13=_transposed_layout(w.w13), w2=_transposed_layout(w.w2))
+        return w  # built on the host, which is this backend's device
 
     def allocate_kv_cache(self, num_blocks, block_size, num_kv_heads, head_dim, dtype):
         return ops.allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
@@ -100,11 +90,6 @@ class CpuBackend(Backend):
         if isinstance(experts, W8A8ExpertWeights):
             return w8a8.experts(x, weights, ids, experts)
         return ops.experts(x, weights, ids, experts.w13, experts.w2, experts.first_expert)
-
-
-def _transposed_layout(w: torch.Tensor) -> torch.Tensor:
-    """w [E, out, in] as a view of (E, in, out) memory; no copy when it is one already."""
-    return w.mT.contiguous().mT
 
 
 def max_threads() -> int:
