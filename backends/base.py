@@ -88,7 +88,7 @@ class ExpertWeights:
                          device: torch.device) -> ExpertWeights:
         """Stacks whose memory is (E, H, 2I) and (E, I, H), seen as the usual [E, 2I, H] and [E, H, I]: filled
         through these views by the loader, they are already in the layout a grouped matmul computing
-        x @ w[e]^T reads contiguously (what torch's grouped matmul and the NPU's grouped matmul want)."""
+        x @ w[e]^T reads contiguously (what the NPU's grouped matmul wants)."""
         return cls(w13=torch.empty(num_experts, hidden_size, 2 * intermediate_size, dtype=dtype, device=device).mT,
                    w2=torch.empty(num_experts, intermediate_size, hidden_size, dtype=dtype, device=device).mT)
 
