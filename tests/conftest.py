@@ -13,6 +13,17 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (hf_checkpoints
 import hf_checkpoints  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_as_found():
+    """A backend sets torch's thread count for the whole process (cpu.threads, bench --threads, the demo config's
+    one thread): each test leaves it as it found it, so no test runs with another's setting."""
+    torch = sys.modules.get("torch")
+    found = torch.get_num_threads() if torch is not None else None
+    yield
+    if found is not None and torch.get_num_threads() != found:
+        torch.set_num_threads(found)
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """hf_checkpoint(shape_name, dtype, seed=0, max_shard_size=None) -> (folder, transformers model)."""
