@@ -112,8 +112,9 @@ class ShardPlan:
         refusal = self._attention_refusal(shape, tp)
         if refusal:
             allowed = [t for t in divisors(self.world_size) if self._attention_refusal(shape, t) is None]
-            raise ConfigError(f"parallel.tensor_parallel_size: {refusal} (allowed in a world of {self.world_size}: "
-                              f"{', '.join(map(str, allowed))})")
+            what, tensors = refusal
+            raise ConfigError(f"parallel.tensor_parallel_size: {what} ({tensors}; allowed in a world of "
+                              f"{self.world_size}: {', '.join(map(str, allowed))})")
         if shape.num_experts % self.ep:
             raise ConfigError(f"parallel.expert_parallel_size: {self.ep} does not divide the {shape.num_experts} "
                               f"experts (allowed: {', '.join(map(str, divisors(shape.num_experts)))})")
@@ -121,8 +122,8 @@ class ShardPlan:
         if inter % splits:
             allowed = [e for e in divisors(self.world_size)
                        if shape.num_experts % e == 0 and inter % (self.world_size // e) == 0]
-            raise ConfigError(f"parallel: intermediate {inter} (the experts' w1/w3 rows, w2 columns) / {splits} "
-                              f"ranks per expert is not a whole number (expert_parallel_size allowed in a world of "
+            raise ConfigError(f"parallel: intermediate {inter} / {splits} ranks per expert is not a whole number "
+                              f"(the experts' w1/w3 rows, w2 columns; expert_parallel_size allowed in a world of "
                               f"{self.world_size}: {', '.join(map(str, allowed)) or 'none'})")
         if fp8_block is not None:
             bn, bk = fp8_block
@@ -144,17 +145,17 @@ class ShardPlan:
         return notes
 
     @staticmethod
-    def _attention_refusal(shape: ModelConfig, tp: int) -> str | None:
-        """Why attention cannot split over tp ranks (q_proj/k_proj/v_proj rows and o_proj columns at head edges, a
-        rank's query heads on one KV head), or None."""
+    def _attention_refusal(shape: ModelConfig, tp: int) -> tuple[str, str] | None:
+        """Why attention cannot split over tp ranks (at head edges, a rank's query heads on one KV head) and the
+        tensors concerned, or None."""
         heads, kv = shape.num_heads, shape.num_kv_heads
         if heads % tp:
-            return f"{tp} does not divide the {heads} attention heads (q_proj rows, o_proj columns)"
+            return f"{tp} does not divide the {heads} attention heads", "q_proj rows, o_proj columns"
         if tp <= kv and kv % tp:
-            return f"{tp} does not divide the {kv} KV heads (k_proj, v_proj rows)"
+            return f"{tp} does not divide the {kv} KV heads", "k_proj and v_proj rows"
         if tp > kv and tp % kv:
             return (f"{tp} is more than the {kv} KV heads and not a multiple of them, so a rank's query heads would "
-                    f"need two KV heads")
+                    f"need two KV heads", "k_proj and v_proj rows")
         return None
 
     def describe(self) -> str:
