@@ -6,6 +6,8 @@ any other tensor, in place and on its worker threads: the int8 weight as stored,
 [out] fp32 tensor (one layer's experts into int8 stacks from the backend's empty_experts, in its layout, and scale
 stacks beside them), then hands W8A8LinearWeight / W8A8ExpertWeights to the backend. Which tensors must exist, of
 what shape and dtype, is checked before anything is read (w8a8_format.expected_tensors, the loader's strict check).
+On several ranks a rank reads the rows of the scale and offset that its slice's output channels are: its own rows
+for a row slice (q/k/v, w1/w3), every row for a column slice (o_proj, w2).
 """
 
 from __future__ import annotations
