@@ -38,7 +38,7 @@ def held_bytes(shape: tuple[int, ...]) -> int:
     return math.prod(shape) + shape[0] * SCALE_DTYPE.itemsize
 
 
-def check_scale(ckpt: Checkpoint, module: str, scale: torch.Tensor, first_row: int = 0) -> int:
+def check_scale(ckpt: Checkpoint, module: str, scale: torch.Tensor, first_row: int) -> int:
     """After rows first_row.. of module's weight_scale were read into `scale`: each scale positive and finite, and
     the same rows of weight_offset (read here, [out, 1] fp32) all zeros: W8A8_DYNAMIC weights are symmetric, the
     int8 kernels take no weight zero point. Returns the bytes read here (the offset rows')."""

@@ -14,14 +14,14 @@ them. vllm-ascend also casts them to the FRACTAL_NZ format (npu_format_cast(w, 2
 the layout every one of these ops accepts, until that speed-up is measured on hardware (docs/ascend.md).
 
 The per-token grouped matmul takes a bfloat16 weight scale for bfloat16 outputs (a float32 scale gives float16),
-so w2_scale is stored in bfloat16 for bfloat16 models, a rounding point the CPU reference shares.
-
-On several ranks each op runs on the rank's slices as is: npu_dynamic_quant of a row-parallel o_proj's (or split
-w2's) local input quantizes each token over the rank's columns only, as vllm-ascend does, and the experts keep the
-rank's range (first_expert, through npu_moe_init_routing_v2's active_expert_range as in moe.py). With
+so w2_scale is stored in bfloat16 for bfloat16 models, a rounding point the CPU reference shares. With
 group_index, npu_dequant_swiglu_quant needs I to be a multiple of 64 (M2: 1536); a smaller model's I is
 zero-padded to one: padded gate/up columns are 0, so SwiGLU gives 0 there, which changes no row maximum and
 meets zero rows of w2 — exact.
+
+On several ranks each op runs on the rank's slices as is: npu_dynamic_quant of a row-parallel o_proj's (or split
+w2's) local input quantizes each token over the rank's columns only, as vllm-ascend does, and the experts keep the
+rank's range (first_expert, through npu_moe_init_routing_v2's active_expert_range as in moe.py).
 """
 
 from __future__ import annotations
