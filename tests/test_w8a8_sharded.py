@@ -37,11 +37,11 @@ def export(w8a8_checkpoint):
     return folder, stored(folder)
 
 
-def load_rank(folder, rank: int, layout: dict, backend=None):
+def load_rank(folder, rank: int, layout: dict, backend=None, progress=None):
     cfg = load_model_config(folder)
     loader = WeightLoader(Checkpoint(folder), cfg, backend or CpuBackend({}, torch.float32),
                           ShardPlan(world_size=WORLD, rank=rank, **layout))
-    return cfg, loader, loader.load(cfg.num_layers)
+    return cfg, loader, loader.load(cfg.num_layers, progress)
 
 
 def cut(files, module: str, rows=slice(None), cols=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,13 +77,17 @@ def test_tp2_ep2_slices_equal_the_files_cut(rank, export):
 @pytest.mark.parametrize("layout", [TP2_EP2, TP4_EP4], ids=["tp2xep2", "tp4xep4"])
 def test_a_rank_holds_the_bytes_the_planner_counts(layout, export):
     """weight_bytes (the pre-load memory check) = the bytes the loaded rank holds = capacity's closed form for
-    W8A8 (int8 plus 4 B per output row of each slice), on rank 0 (the vocabulary's last rank runs short)."""
-    folder, _ = export
-    cfg, loader, weights = load_rank(folder, 0, layout)
+    W8A8 (int8 plus 4 B per output row of each slice), on rank 0 (the vocabulary's last rank runs short); the
+    progress ends at the bytes the rank read, a fraction of the files."""
+    folder, files = export
+    calls = []
+    cfg, loader, weights = load_rank(folder, 0, layout, progress=lambda done, total: calls.append((done, total)))
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors(weights)}
     planned = capacity.weight_bytes(cfg, ShardPlan(world_size=WORLD, rank=0, **layout),
                                     capacity.Format(capacity.W8A8, "float32"))
     assert loader.weight_bytes(cfg.num_layers) == sum(held.values()) == planned.total
+    assert calls[-1] == (loader.bytes_read, loader.bytes_read)
+    assert loader.bytes_read < 0.5 * sum(t.nbytes for t in files.values())
 
 
 def test_replicated_kv_heads_and_whole_experts_on_the_emulated_ascend(export):
