@@ -187,7 +187,7 @@ def test_w8a8_world_of_four_is_the_per_slice_quantized_model(backend, layout, wo
     single-device W8A8 run: EP4 (whole experts, replicated attention: no int8 input is sliced) as close as (b);
     the layouts that slice one differ by the moved quantization grid (0.36 of the logit scale at most, measured),
     bounded by the 8-bit noise itself: mean KL to the single-device run at most twice the single-device run's own
-    KL from the float model (measured 0.85x), top-1 agreement >= 0.75 (measured 0.83-0.91), and over 100x farther
+    KL from the float model (measured 0.85-0.88x), top-1 agreement >= 0.75 (measured 0.83-0.91), and over 100x farther
     from it than from their layout's independent computation (measured 970x and more: (b) tells them apart)."""
     _, out = world_of_four
     single, independent, float_logits = w8a8_expected
