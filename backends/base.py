@@ -89,6 +89,15 @@ class ExpertWeights(ExpertRange):
     w2_scale_inv: torch.Tensor | None = None  # [E, ceil(H/bn), ceil(I/bk)]
     block: tuple[int, int] | None = None
 
+    @classmethod
+    def empty_transposed(cls, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
+                         device: torch.device) -> ExpertWeights:
+        """Stacks whose memory is (E, H, 2I) and (E, I, H), seen as the usual [E, 2I, H] and [E, H, I]: filled
+        through these views by the loader, they are already in the layout a grouped matmul computing
+        x @ w[e]^T reads contiguously (what the NPU's grouped matmul wants)."""
+        return cls(w13=torch.empty(num_experts, hidden_size, 2 * intermediate_size, dtype=dtype, device=device).mT,
+                   w2=torch.empty(num_experts, intermediate_size, hidden_size, dtype=dtype, device=device).mT)
+
 
 @dataclasses.dataclass
 class W8A8LinearWeight:

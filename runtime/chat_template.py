@@ -101,9 +101,9 @@ def _within_time_limit(fn, *args):
     watchdog raises it again until the thread ends; running fn in its own thread is what makes that safe: a late
     exception can only land in the thread it was meant for, never in the caller's code after the render. (Work
     spending nearly all its time inside such callbacks would lose every stop; a sandboxed template cannot define
-    one, and those it may trigger, in garbage collection, are brief.) A
-    thread stuck in a single C call (bounded by the size checks) cannot be interrupted: the caller is released
-    after STOP_GRACE_SECONDS all the same, and the daemon thread ends when the call does."""
+    one, and those it may trigger, in garbage collection, are brief.) A thread stuck in a single C call (bounded
+    by the size checks) cannot be interrupted: the caller is released after STOP_GRACE_SECONDS all the same, and
+    the daemon thread ends when the call does."""
     outcome: dict[str, Any] = {}
 
     def work() -> None:

@@ -69,7 +69,8 @@ class AscendBackend(Backend):
         return w.weight.to(self.device)
 
     def empty_experts(self, num_experts, hidden_size, intermediate_size, dtype, device) -> ExpertWeights:
-        return moe.empty(num_experts, hidden_size, intermediate_size, dtype, device)
+        # In npu_grouped_matmul's layout already, so prepare's transpose copies nothing.
+        return ExpertWeights.empty_transposed(num_experts, hidden_size, intermediate_size, dtype, device)
 
     def prepare_experts(self, w: ExpertWeights | W8A8ExpertWeights) -> moe.AscendExperts | w8a8.AscendW8A8Experts:
         if isinstance(w, W8A8ExpertWeights):

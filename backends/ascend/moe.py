@@ -41,13 +41,6 @@ def expert_range(w: ExpertRange) -> dict[str, int]:
     return {"first_expert": w.first_expert, "layer_experts": 0 if w.holds_all_experts else w.layer_experts}
 
 
-def empty(num_experts: int, hidden: int, inter: int, dtype: torch.dtype, device: torch.device) -> ExpertWeights:
-    """The loader's [E, 2I, H] and [E, H, I] stacks as views of (E, H, 2I) and (E, I, H) tensors: filled through
-    the views, the stacks are already in grouped-matmul layout and prepare's transpose copies nothing."""
-    return ExpertWeights(w13=torch.empty(num_experts, hidden, 2 * inter, dtype=dtype, device=device).transpose(1, 2),
-                         w2=torch.empty(num_experts, inter, hidden, dtype=dtype, device=device).transpose(1, 2))
-
-
 def prepare(w: ExpertWeights, device: torch.device) -> AscendExperts:
     if w.block is not None or w.w13_scale_inv is not None:
         raise ValueError("ascend: FP8 expert weights reached the backend; capabilities.fp8_weights is False, "
