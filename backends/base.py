@@ -64,24 +64,30 @@ class LinearWeight:
     block: tuple[int, int] | None = None
 
 
-@dataclasses.dataclass
-class ExpertWeights:
-    """All experts of one MoE layer, stacked. w13 holds gate_proj (w1) rows first, then up_proj (w3) rows."""
+@dataclasses.dataclass(kw_only=True)
+class ExpertRange:
+    """Expert parallelism: a layer's stacks (w13 [E, ...]) hold experts first_expert .. first_expert + E - 1 of the
+    layer's layer_experts (0: the stacks hold them all). Routing ids are the layer's; pairs routed to experts
+    outside the stacks are another rank's and contribute nothing here (the graph sums the ranks' outputs)."""
 
-    w13: torch.Tensor  # [E, 2I, H]
-    w2: torch.Tensor  # [E, H, I]
-    w13_scale_inv: torch.Tensor | None = None  # [E, ceil(2I/bn), ceil(H/bk)] for FP8
-    w2_scale_inv: torch.Tensor | None = None  # [E, ceil(H/bn), ceil(I/bk)]
-    block: tuple[int, int] | None = None
-    # Expert parallelism: the stacks hold experts first_expert .. first_expert + E - 1 of the layer's
-    # layer_experts (0: the stacks hold them all). Routing ids are the layer's; pairs routed to experts outside
-    # the stacks are another rank's and contribute nothing here (the graph sums the ranks' outputs).
     first_expert: int = 0
     layer_experts: int = 0
 
     @property
     def holds_all_experts(self) -> bool:
         return self.layer_experts in (0, self.w13.shape[0])
+
+
+@dataclasses.dataclass
+class ExpertWeights(ExpertRange):
+    """All experts of one MoE layer (or this rank's: ExpertRange), stacked. w13 holds gate_proj (w1) rows first,
+    then up_proj (w3) rows."""
+
+    w13: torch.Tensor  # [E, 2I, H]
+    w2: torch.Tensor  # [E, H, I]
+    w13_scale_inv: torch.Tensor | None = None  # [E, ceil(2I/bn), ceil(H/bk)] for FP8
+    w2_scale_inv: torch.Tensor | None = None  # [E, ceil(H/bn), ceil(I/bk)]
+    block: tuple[int, int] | None = None
 
     @classmethod
     def empty_transposed(cls, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
@@ -103,8 +109,9 @@ class W8A8LinearWeight:
 
 
 @dataclasses.dataclass
-class W8A8ExpertWeights:
-    """All experts of one MoE layer in W8A8_DYNAMIC, stacked like ExpertWeights (gate w1 rows first in w13)."""
+class W8A8ExpertWeights(ExpertRange):
+    """All experts of one MoE layer (or this rank's: ExpertRange) in W8A8_DYNAMIC, stacked like ExpertWeights
+    (gate w1 rows first in w13)."""
 
     w13: torch.Tensor  # int8 [E, 2I, H]
     w13_scale: torch.Tensor  # fp32 [E, 2I]
@@ -286,7 +293,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: Any) -> torch.Tensor:
         """sum_j weights[t, j] * SwiGLU_expert(ids[t, j])(x[t]) -> [T, H] in x's dtype, over the pairs whose expert
-        the stacks hold (ExpertWeights.first_expert: ids are global, other ranks compute the rest)."""
+        the stacks hold (ExpertRange.first_expert: ids are global, other ranks compute the rest)."""
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, bias: torch.Tensor, top_k: int,
             experts: Any) -> torch.Tensor:

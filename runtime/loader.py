@@ -16,7 +16,9 @@ Before anything is allocated, the weights' bytes are checked against the free me
 
 On several ranks each reads only the slices its ShardPlan gives it (rows of q/k/v and the norms, columns of o_proj,
 its experts and their intermediate slice, its vocabulary rows), into tensors of the slice's size: the bytes read
-and held per rank are about 1/N of the checkpoint. An FP8 slice is read as the blocks covering it.
+and held per rank are about 1/N of the checkpoint. An FP8 slice is read as the blocks covering it; a W8A8 slice
+with the channel scales (and offsets) of its output rows: the rows' own for a row slice, every row's for a column
+slice (o_proj, w2).
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ class WeightLoader:
         # An msModelSlim W8A8 checkpoint: the modules its description marks W8A8_DYNAMIC load as int8 + scales.
         self.description = ckpt.description
         if self.description is not None:
-            w8a8_weights.check_loadable(backend, self.plan)
+            w8a8_weights.check_loadable(backend)
 
     def load(self, num_layers: int, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
         """progress(bytes_read, bytes_total) of the checkpoint, as tensors are read."""
@@ -321,13 +323,14 @@ class WeightLoader:
             nbytes = len(local) * 3 * h * inter * dtype.itemsize
             with allocating(what, nbytes, self.dequant_device, self._advice):
                 stacks = self.backend.empty_experts(len(local), h, inter, dtype, self.dequant_device)
-        if w8a8:  # one W8A8 rank holds all experts (w8a8_weights.check_loadable)
+        shard = {"first_expert": local.start, "layer_experts": cfg.num_experts}
+        if w8a8:  # w1/w3 scales of the intermediate rows held, w2 scales of every row
             n, f32 = len(local), w8a8_weights.SCALE_DTYPE
             stacks = W8A8ExpertWeights(w13=stacks.w13, w2=stacks.w2,
                                        w13_scale=self._empty(what, (n, 2 * inter), f32, self.dequant_device),
-                                       w2_scale=self._empty(what, (n, h), f32, self.dequant_device))
+                                       w2_scale=self._empty(what, (n, h), f32, self.dequant_device), **shard)
         else:
-            stacks = dataclasses.replace(stacks, first_expert=local.start, layer_experts=cfg.num_experts)
+            stacks = dataclasses.replace(stacks, **shard)
 
         def expert(slot: int, e: int) -> int:
             read = 0
@@ -398,9 +401,10 @@ class WeightLoader:
         return tensor_bytes(tuple(out.shape), stored)
 
     def _fill_scale(self, module: str, out: torch.Tensor, first_row: int) -> int:
-        """A W8A8 module's channel scales ([out, 1] as stored) from first_row into `out`, checked with its
-        offset."""
-        return self._fill(f"{module}.weight_scale", out, first_row) + w8a8_weights.check_scale(self.ckpt, module, out)
+        """A W8A8 module's channel scales ([out, 1] as stored) of rows first_row.. into `out` (a rank's output
+        channels: all of them for a row-parallel slice), checked with the same rows of its offset."""
+        return self._fill(f"{module}.weight_scale", out, first_row) + w8a8_weights.check_scale(
+            self.ckpt, module, out, first_row)
 
     def _dequantize_into(self, part: _Part, out: torch.Tensor) -> int:
         """Dequantize `part` of an FP8 weight into `out` (the model dtype), a band of whole block rows at a time.

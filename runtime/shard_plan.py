@@ -104,24 +104,27 @@ class ShardPlan:
 
     # ---- what cannot work -------------------------------------------------------------------------------------------
     def check(self, shape: ModelConfig, fp8_block: tuple[int, int] | None) -> list[str]:
-        """Refuse a layout the model cannot take (ConfigError, one line); return the notes an operator should see
-        (replicated KV heads). fp8_block: the block of FP8 weights the backend executes as stored, else None (a
-        dequantized checkpoint splits anywhere, exactly)."""
+        """Refuse a layout the model cannot take (ConfigError, one line naming the tensors that do not split and
+        the sizes that would); return the notes an operator should see (replicated KV heads). fp8_block: the block
+        of FP8 weights the backend executes as stored, else None (a dequantized checkpoint splits anywhere,
+        exactly; so do int8 W8A8 channels, each a whole output row with its own scale)."""
         heads, kv, tp = shape.num_heads, shape.num_kv_heads, self.tp
-        if heads % tp:
-            raise ConfigError(f"parallel.tensor_parallel_size: {tp} does not divide the {heads} attention heads")
-        if tp <= kv and kv % tp:
-            raise ConfigError(f"parallel.tensor_parallel_size: {tp} does not divide the {kv} KV heads")
-        if tp > kv and tp % kv:
-            raise ConfigError(f"parallel.tensor_parallel_size: {tp} is more than the {kv} KV heads and not a "
-                              f"multiple of them, so a rank's query heads would need two KV heads")
+        refusal = self._attention_refusal(shape, tp)
+        if refusal:
+            allowed = [t for t in divisors(self.world_size) if self._attention_refusal(shape, t) is None]
+            what, tensors = refusal
+            raise ConfigError(f"parallel.tensor_parallel_size: {what} ({tensors}; allowed in a world of "
+                              f"{self.world_size}: {', '.join(map(str, allowed))})")
         if shape.num_experts % self.ep:
             raise ConfigError(f"parallel.expert_parallel_size: {self.ep} does not divide the {shape.num_experts} "
                               f"experts (allowed: {', '.join(map(str, divisors(shape.num_experts)))})")
         splits, inter = self.expert_splits, shape.intermediate_size
         if inter % splits:
-            raise ConfigError(f"parallel: intermediate {inter} / {splits} ranks per expert is not a whole number: "
-                              f"use expert parallelism (expert_parallel_size {self.world_size})")
+            allowed = [e for e in divisors(self.world_size)
+                       if shape.num_experts % e == 0 and inter % (self.world_size // e) == 0]
+            raise ConfigError(f"parallel: intermediate {inter} / {splits} ranks per expert is not a whole number "
+                              f"(the experts' w1/w3 rows, w2 columns; expert_parallel_size allowed in a world of "
+                              f"{self.world_size}: {', '.join(map(str, allowed)) or 'none'})")
         if fp8_block is not None:
             bn, bk = fp8_block
             if splits > 1 and (inter // splits) % bn:
@@ -140,6 +143,20 @@ class ShardPlan:
             notes.append(f"tensor_parallel_size {tp} > {kv} KV heads: each KV head is replicated on "
                          f"{self.kv_replicas(kv)} ranks (its cache too)")
         return notes
+
+    @staticmethod
+    def _attention_refusal(shape: ModelConfig, tp: int) -> tuple[str, str] | None:
+        """Why attention cannot split over tp ranks (at head edges, a rank's query heads on one KV head) and the
+        tensors concerned, or None."""
+        heads, kv = shape.num_heads, shape.num_kv_heads
+        if heads % tp:
+            return f"{tp} does not divide the {heads} attention heads", "q_proj rows, o_proj columns"
+        if tp <= kv and kv % tp:
+            return f"{tp} does not divide the {kv} KV heads", "k_proj and v_proj rows"
+        if tp > kv and tp % kv:
+            return (f"{tp} is more than the {kv} KV heads and not a multiple of them, so a rank's query heads would "
+                    f"need two KV heads", "k_proj and v_proj rows")
+        return None
 
     def describe(self) -> str:
         splits = f", each expert's intermediate split {self.expert_splits} ways" if self.expert_splits > 1 else ""

@@ -19,7 +19,6 @@ from moerun.runtime.limits import RequestLimits
 from moerun.runtime.loader import validate_checkpoint
 from moerun.runtime.model_config import ModelConfig, load_model_config
 from moerun.runtime.run_config import RunConfig
-from moerun.runtime.shard_plan import ShardPlan
 from moerun.runtime.w8a8_weights import check_loadable
 
 
@@ -55,5 +54,5 @@ def checked_target(run: RunConfig) -> Target:
     ckpt = Checkpoint(target.folder)
     validate_checkpoint(ckpt, cfg, layers)
     if ckpt.description is not None:  # a W8A8 checkpoint, which only a backend executing W8A8 loads
-        check_loadable(backend, ShardPlan())
+        check_loadable(backend)
     return target

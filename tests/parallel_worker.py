@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_parallel_launch.py: several engines, one after the other, in one world (one
-launch instead of one per layout). jobs.json lists {name, config}; every rank builds each engine; rank 0 computes
-the teacher-forced logits and a greedy generation and saves them, every rank records the checkpoint bytes it read;
+launch instead of one per layout). jobs.json lists {name, config, greedy (default true)}; every rank builds each
+engine; rank 0 computes the teacher-forced logits and, unless greedy is false, a greedy generation and saves them,
+every rank records the checkpoint bytes it read;
 the other ranks run the steps rank 0 sends, as under `moerun <command>`. The script joins the world itself, so the
 engines find it joined and share it (each `moerun` command leaves the world it joined when it ends)."""
 
@@ -26,10 +27,12 @@ def main(out: Path) -> None:
         engine = Engine.from_config(job["config"])
         (out / f"{job['name']}.bytes{rank}").write_text(str(engine.bytes_read))
         if engine.comm.is_first:
-            logits = engine.logits(spec["token_ids"]).numpy()
-            outputs = engine.generate(spec["prompts"], SamplingParams(temperature=0, max_tokens=spec["max_tokens"],
-                                                                      ignore_eos=True))
-            np.savez(out / f"{job['name']}.npz", logits=logits, greedy=np.array([o.output_token_ids for o in outputs]))
+            saved = {"logits": engine.logits(spec["token_ids"]).numpy()}
+            if job.get("greedy", True):
+                outputs = engine.generate(spec["prompts"], SamplingParams(
+                    temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True))
+                saved["greedy"] = np.array([o.output_token_ids for o in outputs])
+            np.savez(out / f"{job['name']}.npz", **saved)
         else:
             engine.run_worker()
         engine.close()

@@ -225,6 +225,24 @@ def test_w8a8_experts_match_reference(backend, case):
     assert out.dtype == backend.dtype and close(out, ref_w8a8.experts(x, weights, ids, w), backend.dtype)
 
 
+@pytest.mark.parametrize("case", sorted(EXPERT_CASES))
+def test_w8a8_experts_of_one_rank_are_the_layers_with_the_other_pairs_weighed_zero(backend, case):
+    """Expert parallelism, 2 experts per rank: each rank's stacks (first_expert.., of the layer's experts), on the
+    Ascend ops and on the CPU reference, give the whole layer's result with the other ranks' pairs weighed 0 (in
+    the sparse case ranks get no token at all: zeros)."""
+    x, weights, ids, w = expert_case(case, backend.dtype)
+    experts = w.w13.shape[0]
+    for first in range(0, experts, 2):
+        mine = (ids >= first) & (ids < first + 2)
+        expected = ref_w8a8.experts(x, weights * mine, ids, w)
+        part = W8A8ExpertWeights(w13=w.w13[first:first + 2], w13_scale=w.w13_scale[first:first + 2],
+                                 w2=w.w2[first:first + 2], w2_scale=w.w2_scale[first:first + 2], first_expert=first,
+                                 layer_experts=experts)
+        ascend = backend.experts(x, weights, ids, backend.prepare_experts(part))
+        assert close(ascend, expected, backend.dtype) and close(ref_w8a8.experts(x, weights, ids, part), expected,
+                                                                backend.dtype), (case, first)
+
+
 def test_w8a8_weights_are_laid_out_for_the_int8_kernels(backend):
     x, w = linear_case("prefill", backend.dtype)
     linear = backend.prepare_linear(w)

@@ -1,7 +1,8 @@
 """W8A8 end to end through the real loader: transformers-saved checkpoints through `moerun quantize --w8a8`, loaded
 from a plain YAML by `moerun logits` / `generate` / the engine, on the emulated Ascend backend against the CPU W8A8
 reference and both against the float model they came from; the loaded weights against the files read with
-safetensors; what a backend that cannot run W8A8 gets."""
+safetensors; what a backend that cannot run W8A8 gets. Over several ranks: tests/test_w8a8_sharded.py (each rank's
+slices) and tests/test_parallel_launch.py (TP / EP runs over gloo)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ import pytest
 import torch
 from conftest import run_yaml
 from hf_checkpoints import hf_logits
-from safetensors import safe_open
-from w8a8_checkpoints import quantize
+from w8a8_checkpoints import quantize, stored
 
 from moerun.backends.base import W8A8ExpertWeights, W8A8LinearWeight
 from moerun.backends.cpu.backend import CpuBackend
 from moerun.backends.cuda.backend import CudaBackend
-from moerun.backends.errors import ConfigError, UnsupportedModelError
+from moerun.backends.errors import UnsupportedModelError
 from moerun.runtime.checkpoint import Checkpoint
 from moerun.runtime.cli import main
 from moerun.runtime.engine import Engine
@@ -26,7 +26,6 @@ from moerun.runtime.loader import WeightLoader
 from moerun.runtime.model_config import load_model_config
 from moerun.runtime.parity import compare_logits
 from moerun.runtime.sampling_params import SamplingParams
-from moerun.runtime.w8a8_weights import check_loadable
 from moerun.runtime.weights import tensors
 
 TOKENS = [1, 17, 42, 5, 99, 3, 150, 7, 7, 7, 200, 64, 11, 0, 123, 45, 46, 47, 8, 2, 190, 33, 12]
@@ -103,14 +102,6 @@ def test_w8a8_stays_close_to_the_float_model(w8a8_checkpoint, engine, hf_checkpo
     assert report.mean_kl < 5e-3 and report.top1_agreement >= 0.95, report
 
 
-def stored(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("quant_model_weights-*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def test_loaded_weights_are_the_stored_int8_and_scales(w8a8_checkpoint, engine):
     """Every W8A8 module as the CPU backend holds it, against the files read with safetensors: int8 weights as
     stored, scale [out, 1] as [out]; experts stacked gate (w1) rows, then up (w3), and down (w2); FLOAT tensors in
@@ -180,14 +171,3 @@ def test_a_backend_without_w8a8_is_refused_in_one_line(w8a8_checkpoint):
         WeightLoader(Checkpoint(folder), load_model_config(folder), FloatOnly({}, torch.float32))
     assert "\n" not in str(e.value)
     assert not CudaBackend.capabilities.w8a8
-
-
-def test_a_w8a8_load_over_several_ranks_is_refused():
-    """Until the per-rank slices of int8 weights are read (a plan for rank 0 of 8, as the parallel layout makes)."""
-
-    @dataclasses.dataclass
-    class EightRanks:
-        world_size: int = 8
-
-    with pytest.raises(ConfigError, match="one device for now, not over 8 ranks"):
-        check_loadable(CpuBackend({}, torch.float32), EightRanks())

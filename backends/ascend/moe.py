@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from moerun.backends.base import ExpertWeights
+from moerun.backends.base import ExpertRange, ExpertWeights
 
 SIGMOID = 1  # npu_moe_gating_top_k norm_type
 COUNT = 1  # npu_moe_init_routing_v2 expert_tokens_num_type / npu_grouped_matmul group_list_type: per-expert counts
@@ -28,13 +28,17 @@ GROUP_ALONG_M = 0  # npu_grouped_matmul group_type
 
 
 @dataclasses.dataclass
-class AscendExperts:
-    """One layer's experts, pre-transposed for npu_grouped_matmul (x [M, K] @ w[e] [K, N])."""
+class AscendExperts(ExpertRange):
+    """One layer's experts (or this rank's: layer_experts 0 when they are all), pre-transposed for
+    npu_grouped_matmul (x [M, K] @ w[e] [K, N])."""
 
     w13: torch.Tensor  # [E, H, 2I]: columns 0..I-1 are gate_proj (w1), I..2I-1 up_proj (w3)
     w2: torch.Tensor  # [E, I, H]
-    first_expert: int = 0  # expert parallelism: global id of w13[0]; pairs of experts outside are skipped
-    layer_experts: int = 0  # the layer's experts when these are only some of them, else 0
+
+
+def expert_range(w: ExpertRange) -> dict[str, int]:
+    """The loader's expert range as dispatch takes it: layer_experts 0 when the stacks hold the whole layer."""
+    return {"first_expert": w.first_expert, "layer_experts": 0 if w.holds_all_experts else w.layer_experts}
 
 
 def prepare(w: ExpertWeights, device: torch.device) -> AscendExperts:
@@ -46,8 +50,7 @@ def prepare(w: ExpertWeights, device: torch.device) -> AscendExperts:
     # transposed views already (contiguous() is free); others are transposed here, on the host, so the device
     # receives one copy in its final layout.
     return AscendExperts(w13=w.w13.transpose(1, 2).contiguous().to(device),
-                         w2=w.w2.transpose(1, 2).contiguous().to(device), first_expert=w.first_expert,
-                         layer_experts=0 if w.holds_all_experts else w.layer_experts)
+                         w2=w.w2.transpose(1, 2).contiguous().to(device), **expert_range(w))
 
 
 def route(ops: ModuleType, router_logits: torch.Tensor, bias: torch.Tensor,

@@ -18,6 +18,10 @@ so w2_scale is stored in bfloat16 for bfloat16 models, a rounding point the CPU 
 group_index, npu_dequant_swiglu_quant needs I to be a multiple of 64 (M2: 1536); a smaller model's I is
 zero-padded to one: padded gate/up columns are 0, so SwiGLU gives 0 there, which changes no row maximum and
 meets zero rows of w2 — exact.
+
+On several ranks each op runs on the rank's slices as is: npu_dynamic_quant of a row-parallel o_proj's (or split
+w2's) local input quantizes each token over the rank's columns only, as vllm-ascend does, and the experts keep the
+rank's range (first_expert, through npu_moe_init_routing_v2's active_expert_range as in moe.py).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 
 from moerun.backends.ascend import moe
 from moerun.backends.ascend.model_limits import padded_intermediate
-from moerun.backends.base import W8A8ExpertWeights, W8A8LinearWeight
+from moerun.backends.base import ExpertRange, W8A8ExpertWeights, W8A8LinearWeight
 from moerun.backends.cpu.w8a8 import down_scale_dtype
 
 INT32 = torch.int32
@@ -44,7 +48,9 @@ class AscendW8A8Linear:
 
 
 @dataclasses.dataclass
-class AscendW8A8Experts:
+class AscendW8A8Experts(ExpertRange):
+    """One layer's experts (or this rank's, as AscendExperts), int8 in grouped-matmul layout."""
+
     w13: torch.Tensor  # int8 [E, H, 2I']: gate columns 0..I'-1, up columns I'..2I'-1 (I' = I padded to 64)
     w13_scale: torch.Tensor  # fp32 [E, 2I']
     w2: torch.Tensor  # int8 [E, I', H]
@@ -74,13 +80,20 @@ def prepare_experts(w: W8A8ExpertWeights, dtype: torch.dtype, device: torch.devi
         w2 = F.pad(w2, (0, pad))
     return AscendW8A8Experts(
         w13=w13.transpose(1, 2).contiguous().to(device), w13_scale=w13_scale.float().contiguous().to(device),
-        w2=w2.transpose(1, 2).contiguous().to(device), w2_scale=w.w2_scale.to(down_scale_dtype(dtype)).to(device))
+        w2=w2.transpose(1, 2).contiguous().to(device), w2_scale=w.w2_scale.to(down_scale_dtype(dtype)).to(device),
+        **moe.expert_range(w))
 
 
 def experts(ops: ModuleType, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
             w: AscendW8A8Experts) -> torch.Tensor:
+    """Over this rank's experts (w.first_expert..), as moe.experts. Each token is quantized once over its whole
+    hidden (replicated on every rank, so as on one device); under expert tensor parallelism
+    npu_dequant_swiglu_quant requantizes each row over this rank's slice of the intermediate only."""
     q, scale = ops.npu_dynamic_quant(x.contiguous())
-    routed = moe.dispatch(ops, q, ids, w.w13.shape[0], token_scale=scale)
+    routed = moe.dispatch(ops, q, ids, w.w13.shape[0], token_scale=scale, first_expert=w.first_expert,
+                          layer_experts=w.layer_experts)
+    if routed.rows.shape[0] == 0:  # no token chose this rank's experts (the kernels take no empty inputs)
+        return x.new_zeros(x.shape)
     gate_up = ops.npu_grouped_matmul([routed.rows], [w.w13], group_list=routed.counts, split_item=moe.SINGLE_OUTPUT,
                                      group_type=moe.GROUP_ALONG_M, group_list_type=moe.COUNT, output_dtype=INT32)[0]
     hidden, hidden_scale = ops.npu_dequant_swiglu_quant(

@@ -51,14 +51,19 @@ def down_scale_dtype(out_dtype: torch.dtype) -> torch.dtype:
 
 
 def linear(x: torch.Tensor, w: W8A8LinearWeight) -> torch.Tensor:
-    """x [T, in] -> [T, out] in x's dtype."""
+    """x [T, in] -> [T, out] in x's dtype. A row-parallel slice (o_proj under tensor parallelism: `in` is this
+    rank's columns) quantizes x per token over those columns only, as vllm-ascend's npu_dynamic_quant of the local
+    input does, so the sum over ranks is not the one-device result bit for bit."""
     q, s = quantize_rows(x)
     acc = int8_matmul(q, w.weight).float()
     return (acc * w.scale.float() * s[:, None]).to(x.dtype)
 
 
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w: W8A8ExpertWeights) -> torch.Tensor:
-    """sum_j weights[t, j] * W8A8 SwiGLU expert ids[t, j] of x[t] -> [T, H] in x's dtype."""
+    """sum_j weights[t, j] * W8A8 SwiGLU expert ids[t, j] of x[t] -> [T, H] in x's dtype, over the experts the
+    stacks hold (w.first_expert..: expert parallelism; the other pairs are another rank's). Under expert tensor
+    parallelism the stacks hold a slice of each expert's intermediate, so the hidden activations are quantized
+    per row over that slice only, as each rank's npu_dequant_swiglu_quant does."""
     inter = w.w2.shape[-1]
     q, s = quantize_rows(x)
     w2_scale = w.w2_scale.to(down_scale_dtype(x.dtype)).float()
@@ -68,5 +73,5 @@ def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w: W8A8Ex
         hq, hs = quantize_rows(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
         return (int8_matmul(hq, w.w2[expert]).float() * w2_scale[expert] * hs[:, None]).to(x.dtype)
 
-    return routed_sum(x, weights, ids, w.w13.shape[0], expert_out)
+    return routed_sum(x, weights, ids - w.first_expert, w.w13.shape[0], expert_out)
 
