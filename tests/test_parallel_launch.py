@@ -29,6 +29,7 @@ import torch
 from conftest import run_yaml
 from hf_checkpoints import hf_logits
 from launching import LAUNCH_TIMEOUT_S, error_lines, free_port, quiet_env, rank_process, torchrun, torchrun_command
+from verify_servers import run_verify, write_manifest
 from w8a8_checkpoints import w8a8_transformers_model
 
 from moerun.runtime import capacity
@@ -37,6 +38,7 @@ from moerun.runtime.model_config import load_model_config
 from moerun.runtime.parity import compare_logits
 from moerun.runtime.sampling_params import SamplingParams
 from moerun.runtime.shard_plan import ShardPlan
+from moerun.runtime.trained_demo import trained_demo_folder
 
 TOKENS = [1, 17, 42, 5, 99, 3, 150, 7, 7, 7, 200, 64, 11, 0, 123, 45, 46, 47, 8, 2, 190, 33, 12]
 PROMPTS = [[1, 17, 42, 5], [99, 3, 150, 7, 7, 7, 200]]
@@ -205,9 +207,11 @@ def test_w8a8_world_of_four_is_the_per_slice_quantized_model(backend, layout, wo
 def test_serve_on_two_ranks_outlives_the_timeout_when_idle_and_answers_as_one(write_yaml, tmp_path):
     """`moerun serve` under torchrun, TP2 on the demo checkpoint: rank 0 alone listens (the other rank does not
     bind the port too); idle for longer than parallel.init_timeout_s it keeps the other rank waiting (keepalive),
-    then serves a greedy completion equal to one process's; a SIGTERM to the launch (as Ctrl-C sends it to the
-    whole group) ends both ranks with one line each."""
-    demo = {"backend": "cpu", "model": {"path": "builtin:demo", "dtype": "float32"}, "kv_cache": {"num_blocks": 32}}
+    then serves a greedy completion equal to one process's, and `moerun verify` against the demo's manifest (probes
+    from one cpu float32 process, floor bfloat16) finds it faithful; a SIGTERM to the launch (as Ctrl-C sends it to
+    the whole group) ends both ranks with one line each."""
+    # 64 blocks of 16: the template check's longest conversation (631 tokens) fits the context
+    demo = {"backend": "cpu", "model": {"path": "builtin:demo", "dtype": "float32"}, "kv_cache": {"num_blocks": 64}}
     config = write_yaml({**demo, "parallel": {"tensor_parallel_size": 2, "init_timeout_s": 3}}, "tp2.yaml")
     ids = [1, 17, 42, 5, 99, 3]
     server = subprocess.Popen(torchrun_command(2, ["-m", "moerun", "serve", "-c", str(config), "--port", "0",
@@ -221,12 +225,18 @@ def test_serve_on_two_ranks_outlives_the_timeout_when_idle_and_answers_as_one(wr
                 url = line.split("OpenAI API at ")[1].strip()
                 break
         assert url, "the server never said where it listens"
-        time.sleep(5)  # idle past init_timeout_s: without rank 0's keepalive the other rank's wait would fail
+        # Idle past init_timeout_s (without rank 0's keepalive the other rank's wait would fail); meanwhile the
+        # demo's manifest is written in this process.
+        idle_until = time.monotonic() + 5
+        manifest = write_manifest(trained_demo_folder(), tmp_path / "demo.json", probe_tokens=1, answer_tokens=16)
+        time.sleep(max(0.0, idle_until - time.monotonic()))
         request = urllib.request.Request(f"{url}/completions", method="POST", headers={"Content-Type": "application/json"},
                                          data=json.dumps({"model": "moerun-demo", "prompt": ids, "max_tokens": 8,
                                                           "temperature": 0}).encode())
         with urllib.request.urlopen(request, timeout=LAUNCH_TIMEOUT_S) as response:
             served = json.loads(response.read())["choices"][0]["text"]
+        code, report, table = run_verify(url, manifest, tmp_path / "verify.json", "--checks", "logprobs,template",
+                                         model="moerun-demo")
         os.killpg(server.pid, signal.SIGTERM)
         _, stderr = server.communicate(timeout=LAUNCH_TIMEOUT_S)
     finally:
@@ -235,6 +245,7 @@ def test_serve_on_two_ranks_outlives_the_timeout_when_idle_and_answers_as_one(wr
     one = Engine.from_config(write_yaml(demo, "one.yaml"))
     expected = one.generate([ids], SamplingParams(temperature=0, max_tokens=8))[0].output_text
     assert served == expected and expected
+    assert code == 0 and report["verdict"] == "PASS", table
     # One line from each rank (torchrun itself reports the signal with a traceback of its own, in torch's files).
     assert "moerun serve: stopped" in stderr and "moerun: terminated" in stderr, stderr[-3000:]
     assert "moerun/" not in stderr and "/runtime/" not in stderr, stderr[-3000:]
