@@ -548,7 +548,7 @@ def _variants(text: str) -> tuple[str, ...]:
               help="Timed runs per measurement, interleaved [20; small: 25] (full-size prefill: half of them).")
 @click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed runs first [5; small: 3] (full-size prefill: half of them).")
 @click.option("--threads", type=click.IntRange(1), default=None,
-              help="Host threads for torch, set for the whole run [default: torch's own choice, pinned].")
+              help="Host threads for torch, set for the whole run [default: the config's cpu.threads, else torch's own choice; pinned].")
 @click.option("--fp8", is_flag=True, help="Synthetic weights in the M2 release's FP8 block format (128x128, e4m3).")
 @click.option("--compare", type=click.Choice(["transformers"]), default=None,
               help="Also time transformers' MiniMaxM2ForCausalLM on the same weights and token ids, interleaved.")
@@ -575,19 +575,20 @@ def bench(config, small, layers, batches, context, prefill_tokens, steps, warmup
         raise MoerunError("--compare transformers runs the float weights; drop --fp8")
     variants = _variants(hf_variants)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or previous_threads)  # pinned: every measurement runs on the same pool
     try:
-        _bench(run, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare, variants, out_path,
-               seed)
+        _bench(run, small, layers, batches, context, prefill_tokens, steps, warmup, threads, fp8, compare, variants,
+               out_path, seed)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _bench(run: RunConfig, small, layers, batches, context, prefill_tokens, steps, warmup, fp8, compare,
+def _bench(run: RunConfig, small, layers, batches, context, prefill_tokens, steps, warmup, threads, fp8, compare,
            variants: tuple[str, ...], out_path: Path, seed: int) -> None:
     load_start = os.getloadavg()
     backend_cls = get_backend_class(run.backend)
-    backend = backend_cls(run.backend_options, run.dtype)
+    backend = backend_cls(run.backend_options, run.dtype)  # may set torch's threads (cpu.threads)
+    # --threads wins over the config's; then pinned: every measurement runs on the same pool
+    torch.set_num_threads(threads or torch.get_num_threads())
     small = backend.device.type == "cpu" if small is None else small
     default_batches = [1, 8, 64] if small else [1, 8, 64, 256]
     plan = Plan(small=small, layers=0, batches=_ints(batches, "--batches") if batches else default_batches,

@@ -19,12 +19,13 @@ from moerun.runtime.model import MiniMaxM2Model
 def test_bench_runs_on_cpu_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--out", str(out), "--compare", "transformers", "--hf-variants", "dynamic,static",
-                 "--steps", "4", "--warmup", "1", "--threads", "1"]) == 0
+                 "--steps", "4", "--warmup", "1", "--threads", "2"]) == 0
     printed = capsys.readouterr().out
     assert "decode" in printed and "prefill" in printed and "MBU" in printed and "MFU" in printed
     result = json.loads(out.read_text())
     assert result["model"]["name"] == "MiniMax-M2 miniature" and result["plan"]["small"]
-    assert result["machine"]["torch_threads"] == 1 and result["machine"]["cpu_count"] >= 1
+    # --threads wins over the default config's cpu.threads (1)
+    assert result["machine"]["torch_threads"] == 2 and result["machine"]["cpu_count"] >= 1
     assert [d["batch"] for d in result["decode"]] == [1, 8, 64]
     for row in [*result["decode"], result["prefill"]]:
         ours = row["moerun"]
