@@ -591,13 +591,13 @@ def _bench(run: RunConfig, small, layers, batches, context, prefill_tokens, step
     torch.set_num_threads(threads or torch.get_num_threads())
     small = backend.device.type == "cpu" if small is None else small
     default_batches = [1, 8, 64] if small else [1, 8, 64, 256]
+    steps = steps or (25 if small else 20)
+    warmup = warmup if warmup is not None else (3 if small else 5)
     plan = Plan(small=small, layers=0, batches=_ints(batches, "--batches") if batches else default_batches,
                 context=context or (64 if small else 2048),
                 prefill_tokens=prefill_tokens if prefill_tokens is not None else (256 if small else 8192),
-                steps=steps or (25 if small else 20), warmup=warmup if warmup is not None else (3 if small else 5),
-                prefill_steps=0, prefill_warmup=0, fp8=fp8, compare=compare)
-    plan.prefill_steps = plan.steps if small else max(1, plan.steps // 2)
-    plan.prefill_warmup = plan.warmup if small else plan.warmup // 2
+                steps=steps, warmup=warmup, prefill_steps=steps if small else max(1, steps // 2),
+                prefill_warmup=warmup if small else warmup // 2, fp8=fp8, compare=compare)
     dims = SMALL if small else M2
     if layers:
         plan.layers, reason = min(layers, dims["num_layers"]), "--layers"
